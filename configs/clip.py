@@ -1,0 +1,89 @@
+r"""CLIP stage: contrastive text/image towers.
+
+Presets (the argument after the colon):
+  tiny     32x32 captioned_shapes, ViT 8x8 patches, word tokenizer; 2-core CPU in a few minutes.
+  vit_b16  OpenAI CLIP ViT-B/16 sizes (image 224, width 768/12 layers; text 512/12, 77 tokens).
+  vit_l14  OpenAI CLIP ViT-L/14 sizes (image 224, width 1024/24 layers; text 768/12, 768-d).
+
+Run:
+  python -m unclip_jax.main --config=configs/clip.py:tiny --workdir=runs/clip
+  # any field: --config.optim.lr=3e-4 --config.mesh.shape='(1,2,4)'
+
+Expected (tiny, 1 CPU process, ~4 min on 2 cores): held-out zero-shot accuracy on the built-in
+data around 1.0 for colour and background and >0.9 for shape (chance: 1/8, 1/8, 1/4); see the
+run's eval_metrics.json.
+The vit presets use the CLIP BPE tokenizer and need --config.tokenizer.path pointing at a merges
+file (bpe_simple_vocab_16e6.txt.gz, merges.txt or tokenizer.json).
+"""
+
+import ml_collections
+
+from unclip_jax import config_lib
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  c = config_lib.trainer_defaults()
+  c.stage = 'clip'
+  # Shared by data and model, so that overriding one on the command line changes both.
+  resolution = ml_collections.FieldReference(32)
+  context_length = ml_collections.FieldReference(24)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'captioned_shapes'
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.resolution = resolution
+  c.data.num_train = 20000
+  c.data.num_test = 1000
+  c.data.seed = 0
+  c.data.worker_count = 0
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = 'words'
+  c.tokenizer.path = ml_collections.config_dict.placeholder(str)
+  c.tokenizer.context_length = context_length
+
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 64
+  c.model.text = ml_collections.ConfigDict(dict(
+      vocab_size=128, context_length=context_length, width=128, depth=3, num_heads=4, eot_id=2,
+      mlp_ratio=4.0, activation='quick_gelu', remat=False))
+  c.model.vision = ml_collections.ConfigDict(dict(
+      image_size=resolution, patch_size=8, width=128, depth=4, num_heads=4,
+      mlp_ratio=4.0, activation='quick_gelu', remat=False))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 1000
+  c.eval.batch_size = 250
+
+  c.batch_size = 128
+  c.num_train_steps = 1200
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.05
+  c.log_every_steps = 100
+  c.checkpoint.every_steps = 600
+
+  if arg == 'tiny':
+    pass
+  elif arg in ('vit_b16', 'vit_l14'):
+    big = arg == 'vit_l14'
+    c.dtype = 'bfloat16'
+    resolution.set(224)
+    context_length.set(77)
+    c.tokenizer.kind = 'clip_bpe'
+    c.model.embed_dim = 768 if big else 512
+    c.model.text.update(vocab_size=49408, width=768 if big else 512,
+                        depth=12, num_heads=12 if big else 8, eot_id=49407)
+    c.model.vision.update(patch_size=14 if big else 16,
+                          width=1024 if big else 768, depth=24 if big else 12,
+                          num_heads=16 if big else 12)
+    c.batch_size = 512
+    c.num_train_steps = 100_000
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 2000
+    c.optim.weight_decay = 0.2
+    c.checkpoint.every_steps = 2000
+  else:
+    raise ValueError(f"configs/clip.py: unknown preset {arg!r}; use 'tiny', 'vit_b16' or "
+                     "'vit_l14'")
+  return c

@@ -1,0 +1,42 @@
+"""unclip_jax: unCLIP (DALL-E 2) in JAX/Flax — CLIP, diffusion prior, decoder, upsamplers."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='unclip_jax',
+    version='0.1.0',
+    description='unCLIP (hierarchical text-conditional image generation with CLIP latents) '
+                'in JAX/Flax, trained with sharded jax.jit steps.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['unclip_jax', 'unclip_jax.*']),
+    install_requires=[
+        'jax>=0.10',
+        'flax>=0.12',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11',
+        'ml_collections>=1.0',
+        'clu>=0.0.12',
+        'grain>=0.2.12',
+        'tensorflow-datasets>=4.9.9',
+        'array_record>=0.8',
+        'tensorflow-cpu>=2.18',   # clu's TensorBoard writer and tfds dataset generation
+        'tensorboard>=2.18',
+        'pillow>=10',
+        'tokenizers>=0.20',
+        'numpy>=1.26',
+        'absl-py',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'ftfy', 'regex'],
+        # Converters and parity tests against PyTorch references. open-clip-torch is installed
+        # separately with --no-deps (its torchvision requirement would replace this torch).
+        'torch': ['torch>=2.4', 'transformers>=4.45', 'ftfy', 'regex'],
+    },
+    entry_points={
+        'console_scripts': [
+            'unclip-train=unclip_jax.main:run',
+        ],
+    },
+)

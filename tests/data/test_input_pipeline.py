@@ -1,0 +1,194 @@
+"""Tests for the grain input pipeline over CaptionedShapes."""
+
+import io
+import logging
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from unclip_jax.data import captioned_shapes as cs
+from unclip_jax.data import input_pipeline as ip
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+LABELS = ('shape', 'color', 'background', 'size', 'position')
+
+
+def tokenize(captions):
+  """Trivial tokenizer: caption length and word count, int32 [B, 2]."""
+  return np.array([[len(c), len(c.split())] for c in captions])
+
+
+@pytest.fixture(scope='module')
+def config(tmp_path_factory):
+  cfg = ml_collections.ConfigDict(dict(
+      name='captioned_shapes', data_dir=str(tmp_path_factory.mktemp('data')),
+      resolution=32, num_train=200, num_test=50, seed=0, worker_count=0))
+  cs.prepare(cfg.data_dir, resolution=32, num_train=200, num_test=50, seed=0)
+  return cfg
+
+
+def _iterator(config, **kw):
+  kw = dict(split='train', batch_size=8, tokenizer=tokenize, seed=0,
+            process_index=0, process_count=1) | kw
+  return ip.make_iterator(config, **kw)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _ids(batches):
+  return np.concatenate([b['id'] for b in batches]).tolist()
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_batch_format(config):
+  batch = next(_iterator(config))
+  assert set(batch) == {'image', 'tokens', 'caption', 'id', *LABELS}
+  assert batch['image'].shape == (8, 32, 32, 3)
+  assert batch['image'].dtype == np.float32
+  assert -1 <= batch['image'].min() < 0 < batch['image'].max() <= 1
+  assert batch['tokens'].shape == (8, 2) and batch['tokens'].dtype == np.int32
+  for k in LABELS + ('id',):
+    assert batch[k].shape == (8,) and batch[k].dtype == np.int32
+    assert batch[k].min() >= 0
+  assert batch['caption'].shape == (8,)
+  for i, text in enumerate(batch['caption']):
+    assert isinstance(text, str) and batch['tokens'][i, 0] == len(text)
+    ex = cs.generate_example(0, 'train', int(batch['id'][i]), 32)
+    assert text == ex['caption']
+    np.testing.assert_allclose(batch['image'][i], ex['image'] / 127.5 - 1, atol=1e-6)
+    assert all(batch[k][i] == ex[k] for k in LABELS)
+
+
+def test_deterministic_and_shuffled(config):
+  a = _ids(_take(_iterator(config, seed=1), 5))
+  b = _ids(_take(_iterator(config, seed=1), 5))
+  c = _ids(_take(_iterator(config, seed=2), 5))
+  assert a == b and a != c
+  unshuffled = _iterator(config, shuffle=False)
+  assert _ids([next(unshuffled)]) == list(range(8))
+
+
+def test_epochs(config):
+  one = _ids(list(_iterator(config, num_epochs=1, batch_size=16)))
+  assert len(one) == 192 and len(set(one)) == 192  # drop_remainder
+  it = _iterator(config, batch_size=20)  # repeats forever
+  ids = _ids(_take(it, 20))
+  assert sorted(ids) == sorted(list(range(200)) * 2)
+  assert ids[:200] != ids[200:]  # reshuffled every epoch
+
+
+def test_checkpoint_resume(config):
+  it = _iterator(config, batch_size=16)
+  for _ in range(10):
+    next(it)
+  state = it.get_state()
+  expected = _take(it, 6)  # crosses the epoch boundary
+  restored = _iterator(config, batch_size=16)
+  next(restored)
+  restored.set_state(state)
+  _assert_batches_equal(_take(restored, 6), expected)
+
+
+def test_process_shards_disjoint(config):
+  shards = [set(_ids(list(_iterator(config, batch_size=10, num_epochs=1,
+                                    process_index=i, process_count=2))))
+            for i in range(2)]
+  assert len(shards[0]) == len(shards[1]) == 100
+  assert not shards[0] & shards[1]
+  assert shards[0] | shards[1] == set(range(200))
+
+
+class CorruptingSource:
+  """Random-access source replacing the image of some records by bad bytes."""
+
+  def __init__(self, source, bad):
+    self.source, self.bad = source, bad
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = dict(self.source[index])
+    if index in self.bad:
+      record['image'] = self.bad[index]
+    return record
+
+
+def _png(shape):
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros(shape, np.uint8)).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def test_corrupt_records_skipped_and_counted(config, caplog):
+  source = ip.get_source(config, 'test')
+  good = source[0]['image']
+  bad = {3: b'not a png', 10: good[:len(good) // 2],  # truncated
+         20: _png((16, 16, 3)), 30: _png((32, 32))}    # wrong size / mode
+  bad_ids = {source[i]['id'] for i in bad}
+  corrupt = CorruptingSource(source, bad)
+
+  ip.reset_skip_counts()
+  with caplog.at_level(logging.WARNING):
+    ids = _ids(list(_iterator(config, split='test', batch_size=2, num_epochs=1,
+                              data_source=corrupt)))
+  assert ip.skip_counts() == {'corrupt_image': 4}
+  assert sorted(ids) == sorted(set(range(50)) - bad_ids)
+  assert all(f'id={i}' in caplog.text for i in bad_ids)
+
+  ip.reset_skip_counts()
+  data = ip.load_split(config, 'test', data_source=corrupt)
+  assert ip.skip_counts() == {'corrupt_image': 4}
+  assert len(data['id']) == 46 and not bad_ids & set(data['id'].tolist())
+
+
+def test_load_split(config):
+  data = ip.load_split(config, 'test', tokenizer=tokenize)
+  assert set(data) == {'image', 'tokens', 'caption', 'id', *LABELS}
+  assert data['image'].shape == (50, 32, 32, 3)
+  assert data['id'].tolist() == list(range(50))  # in dataset order
+  first = ip.load_split(config, 'train', max_examples=7)
+  assert 'tokens' not in first and first['image'].shape[0] == 7
+
+
+def test_unknown_dataset(config):
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.name = 'imagenet'
+  with pytest.raises(ValueError, match='imagenet'):
+    _iterator(cfg)
+
+
+def test_reading_does_not_import_tensorflow(config):
+  code = textwrap.dedent(f"""
+      import sys
+      import ml_collections
+      import numpy as np
+      from unclip_jax.data import input_pipeline as ip
+      cfg = ml_collections.ConfigDict({config.to_dict()!r})
+      tok = lambda caps: np.zeros((len(caps), 4), np.int32)
+      it = ip.make_iterator(cfg, split='train', batch_size=4, tokenizer=tok,
+                            seed=0, process_index=0, process_count=1)
+      assert next(it)['image'].shape == (4, 32, 32, 3)
+      assert len(ip.load_split(cfg, 'test')['id']) == 50
+      assert 'tensorflow' not in sys.modules, 'tensorflow was imported'
+      print('OK')
+  """)
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('OK')

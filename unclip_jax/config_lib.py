@@ -1,0 +1,129 @@
+"""Fields every stage's config shares (the trainer's), and config validation.
+
+`configs/<stage>.py` starts from `trainer_defaults()` and adds its `model`, `data` and stage fields.
+`validate(config)` runs before anything is compiled and raises `ConfigError` naming the field.
+"""
+
+import ml_collections
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis → mesh axes. Parameters: `embed` is sharded over fsdp, the wide axes over tensor.
+# Activations: the batch over (data, fsdp); `act_embed` stays whole.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('kv', None),
+    ('proj', None),
+    ('length', None),
+    ('channels', None),
+    ('norm', None),
+    ('act_embed', None),
+)
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """An invalid config; the message names the field."""
+
+
+def trainer_defaults() -> ml_collections.ConfigDict:
+  """The trainer's fields with their defaults; stages override what they need."""
+  c = ml_collections.ConfigDict()
+  c.stage = ''
+  c.seed = 0
+  c.dtype = 'float32'            # compute dtype; params are always float32
+  c.batch_size = 128             # global batch, over all processes and devices
+  c.num_train_steps = 1000
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = 'cosine'    # 'cosine' (to end_lr_ratio·lr) or 'constant' after warmup
+  c.optim.end_lr_ratio = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.weight_decay = 0.1     # not applied to biases, norms, embeddings' 1-D params
+  c.optim.grad_clip = 1.0        # global-norm clipping; 0 disables
+  c.optim.accum_steps = 1        # gradient accumulation: microbatches per step
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.999            # 0 disables (EMA params == params)
+  c.ema.warmup = True            # decay_t = min(decay, (1 + t) / (10 + t))
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); one -1 takes the remaining devices
+  c.mesh.rules = DEFAULT_RULES
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0         # 0: only at the end
+  c.sample_every_steps = 0       # 0: only at the end (stages that sample)
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+  return c
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f'config.{field}: {message}')
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
+  """Replaces a single -1 in the (data, fsdp, tensor) shape so its product is `num_devices`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    _fail('mesh.shape', f'{shape} must have {len(MESH_AXES)} entries {MESH_AXES}')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    _fail('mesh.shape', f'{shape}: entries must be positive, with at most one -1')
+  known = 1
+  for s in shape:
+    known *= s if s > 0 else 1
+  if -1 in shape:
+    if num_devices % known:
+      _fail('mesh.shape', f'{shape} does not divide the {num_devices} devices')
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  total = shape[0] * shape[1] * shape[2]
+  if total != num_devices:
+    _fail('mesh.shape', f'{shape} has {total} devices but {num_devices} are available')
+  return shape
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
+  """Checks the trainer's fields against each other and the devices; raises ConfigError."""
+  if config.dtype not in DTYPES:
+    _fail('dtype', f'{config.dtype!r} is not one of {DTYPES}')
+  for field in ('batch_size', 'num_train_steps'):
+    if int(config[field]) <= 0:
+      _fail(field, f'must be positive, got {config[field]}')
+  o = config.optim
+  if not o.lr > 0:
+    _fail('optim.lr', f'must be positive, got {o.lr}')
+  if o.schedule not in ('cosine', 'constant'):
+    _fail('optim.schedule', f"{o.schedule!r} is not 'cosine' or 'constant'")
+  if o.accum_steps < 1:
+    _fail('optim.accum_steps', f'must be >= 1, got {o.accum_steps}')
+  if not 0 <= config.ema.decay < 1:
+    _fail('ema.decay', f'must be in [0, 1), got {config.ema.decay}')
+  data, fsdp, _ = resolve_mesh_shape(config.mesh.shape, num_devices)
+  known_axes = set(MESH_AXES) | {None}
+  for rule in config.mesh.rules:
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    if len(rule) != 2 or any(a not in known_axes for a in axes):
+      _fail('mesh.rules', f'{rule} must be (logical_name, mesh axis or axes from {MESH_AXES})')
+  parallel = data * fsdp
+  if config.batch_size % parallel:
+    _fail('batch_size', f'{config.batch_size} is not divisible by the data-parallel size '
+          f'{parallel} (mesh data={data} x fsdp={fsdp})')
+  if config.batch_size % num_processes:
+    _fail('batch_size', f'{config.batch_size} is not divisible by the {num_processes} processes')
+  if config.batch_size % (o.accum_steps * parallel):
+    _fail('optim.accum_steps', f'batch_size {config.batch_size} is not divisible into '
+          f'{o.accum_steps} microbatches of a multiple of {parallel}')
+  if config.checkpoint.every_steps < 0 or config.checkpoint.keep < 1:
+    _fail('checkpoint', 'every_steps must be >= 0 and keep >= 1')

@@ -1,0 +1,370 @@
+"""CaptionedShapes: a procedural dataset of captioned coloured shapes.
+
+Each example is one shape (circle, square, triangle, cross or star) of one
+colour, at one of three sizes and one of nine positions on a 3x3 grid, drawn
+on a uniformly coloured background of a *different* colour, together with a
+caption in varied wording.  It is small enough to train every unCLIP stage
+(CLIP, diffusion prior, decoder, upsamplers) on a laptop CPU in minutes, and
+its ground-truth attributes make evaluation objective.
+
+Everything is generated offline from a seed:
+
+* ``render(attrs, resolution, rng)``  -> uint8 image [res, res, 3]
+* ``caption(attrs, rng)``             -> str
+* ``CaptionedShapes``                 -> tfds builder (array_record files)
+* ``prepare(data_dir, ...)``          -> builds (once) and returns the builder
+
+Geometry lives in normalised [0, 1] coordinates, so the same attributes and
+RNG state give the same scene at any resolution.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw
+
+# --------------------------------------------------------------------------
+# Attribute vocabularies.
+# --------------------------------------------------------------------------
+
+# Fill ratios of the bounding box: square 1.0, circle 0.79, cross 0.64,
+# triangle 0.5, star 0.35 -- distinguishable by area and outline.
+SHAPES = ('circle', 'square', 'triangle', 'cross', 'star')
+
+# Clearly distinct RGB values (pairwise L2 distance > 100).
+COLORS: dict[str, tuple[int, int, int]] = {
+    'red': (210, 20, 30),
+    'green': (30, 170, 50),
+    'blue': (30, 60, 220),
+    'yellow': (250, 240, 40),
+    'purple': (140, 40, 170),
+    'orange': (250, 130, 0),
+    'white': (245, 245, 245),
+    'black': (15, 15, 15),
+}
+
+SIZES = ('small', 'medium', 'large')
+# Side of the shape's bounding box as a fraction of the image side.
+SIZE_FRACTIONS = {'small': 0.25, 'medium': 0.35, 'large': 0.45}
+
+POSITIONS = (
+    'top left', 'top', 'top right',
+    'left', 'center', 'right',
+    'bottom left', 'bottom', 'bottom right',
+)
+# Normalised grid coordinates of the shape centre (row-major 3x3 grid).
+_GRID = (0.26, 0.5, 0.74)
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    'shape': SHAPES,
+    'color': tuple(COLORS),
+    'background': tuple(COLORS),
+    'size': SIZES,
+    'position': POSITIONS,
+}
+
+# Jitter magnitudes: small enough that attributes stay unambiguous.
+POSITION_JITTER = 0.02      # +- fraction of the image side
+SIZE_JITTER = 0.05          # +- relative
+COLOR_JITTER = 12           # +- per RGB channel
+SUPERSAMPLE = 4
+
+
+# --------------------------------------------------------------------------
+# Sampling and rendering.
+# --------------------------------------------------------------------------
+
+def sample_attributes(rng: np.random.Generator) -> dict[str, int]:
+  """Samples a random attribute assignment.
+
+  Args:
+    rng: numpy Generator.
+  Returns:
+    dict attribute name -> index into ``ATTRIBUTES[name]``; ``background``
+    is always different from ``color``.
+  """
+  attrs = {k: int(rng.integers(len(v))) for k, v in ATTRIBUTES.items()}
+  n = len(COLORS)
+  attrs['background'] = (attrs['color'] + 1 + int(rng.integers(n - 1))) % n
+  return attrs
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, s: float):
+  """Vertices (normalised xy) of a polygonal shape in a box of side s."""
+  h = s / 2
+  if shape == 'square':
+    return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+  if shape == 'triangle':
+    return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+  if shape == 'cross':
+    w = 0.2 * s  # half arm width -> arm width 0.4 s
+    return [(cx - w, cy - h), (cx + w, cy - h), (cx + w, cy - w), (cx + h, cy - w),
+            (cx + h, cy + w), (cx + w, cy + w), (cx + w, cy + h), (cx - w, cy + h),
+            (cx - w, cy + w), (cx - h, cy + w), (cx - h, cy - w), (cx - w, cy - w)]
+  if shape == 'star':
+    # Five-pointed star, point up, outer radius chosen so the width is s.
+    r_out = h / np.sin(np.deg2rad(72))
+    r_in = 0.382 * r_out
+    height = r_out * (1 + np.cos(np.deg2rad(36)))
+    top = cy - height / 2
+    angles = np.deg2rad(-90 + 36 * np.arange(10))
+    radii = np.where(np.arange(10) % 2 == 0, r_out, r_in)
+    return [(cx + r * np.cos(a), top + r_out + r * np.sin(a))
+            for r, a in zip(radii, angles)]
+  raise ValueError(f'unknown polygonal shape {shape!r}')
+
+
+def _jitter_color(rgb, rng: np.random.Generator) -> tuple[int, ...]:
+  rgb = np.asarray(rgb) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
+  return tuple(int(c) for c in np.clip(rgb, 0, 255))
+
+
+def render(attrs: dict[str, int], resolution: int,
+           rng: np.random.Generator) -> np.ndarray:
+  """Draws one scene.
+
+  Args:
+    attrs: dict with integer indices for 'shape', 'color', 'background',
+      'size', 'position' (see ``ATTRIBUTES``).
+    resolution: output side length in pixels.
+    rng: numpy Generator for the jitter. The same generator state gives the
+      same scene (in normalised coordinates) at every resolution.
+  Returns:
+    uint8 array [resolution, resolution, 3].
+  """
+  shape = SHAPES[attrs['shape']]
+  fg = _jitter_color(COLORS[ATTRIBUTES['color'][attrs['color']]], rng)
+  bg = _jitter_color(COLORS[ATTRIBUTES['background'][attrs['background']]], rng)
+  row, col = divmod(attrs['position'], 3)
+  cx, cy = np.array([_GRID[col], _GRID[row]]) + rng.uniform(-1, 1, 2) * POSITION_JITTER
+  s = SIZE_FRACTIONS[SIZES[attrs['size']]] * (1 + rng.uniform(-1, 1) * SIZE_JITTER)
+
+  big = resolution * SUPERSAMPLE
+  img = Image.new('RGB', (big, big), bg)
+  draw = ImageDraw.Draw(img)
+  # Pixel (i, j) covers [i, i+1) in PIL's coordinates: scale by `big`.
+  if shape == 'circle':
+    h = s / 2
+    draw.ellipse([(cx - h) * big, (cy - h) * big, (cx + h) * big - 1,
+                  (cy + h) * big - 1], fill=fg)
+  else:
+    draw.polygon([(x * big, y * big) for x, y in _shape_polygon(shape, cx, cy, s)],
+                 fill=fg)
+  arr = np.asarray(img, dtype=np.float32)
+  arr = arr.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean((1, 3))
+  return np.round(arr).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Captions.
+# --------------------------------------------------------------------------
+
+# Slots: {c} colour, {s} shape, {b} background, {z} size, {p} position phrase.
+# A leading 'a' before a slot becomes 'an' when the next word is a vowel.
+_TEMPLATES = (
+    'a {c} {s} on a {b} background',
+    '{c} {s}, {b} background',
+    'a picture of a {c} {s} on {b}',
+    'a {c} {s} against a {b} background',
+    'an image of a {c} {s} on a {b} background',
+    'a {z} {c} {s} on a {b} background',
+    'a picture of a {z} {c} {s} on {b}',
+    '{z} {c} {s}, {b} background',
+    '{b} background with a {z} {c} {s}',
+    'a {c} {s} {p} of a {b} image',
+    'a {c} {s} {p}, {b} background',
+    'a {z} {c} {s} {p} of a {b} image',
+    'a {z} {c} {s} {p} on a {b} background',
+    'an image of a {z} {c} {s} {p}, {b} background',
+)
+_CORNER_PHRASES = ('in the {p}', 'at the {p}', 'in the {p} corner')
+_EDGE_PHRASES = {
+    'top': ('at the top', 'near the top'),
+    'bottom': ('at the bottom', 'near the bottom'),
+    'left': ('on the left', 'on the left side'),
+    'right': ('on the right', 'on the right side'),
+    'center': ('in the center', 'in the middle', 'at the center'),
+}
+_WORD_RE = re.compile(r'[a-z]+')
+
+
+def _position_phrase(position: str, rng: np.random.Generator) -> str:
+  phrases = _EDGE_PHRASES.get(position, _CORNER_PHRASES)
+  return str(rng.choice(phrases)).format(p=position)
+
+
+def _fix_articles(text: str) -> str:
+  return re.sub(r'\ba (?=[aeiou])', 'an ', text)
+
+
+def caption(attrs: dict[str, int], rng: np.random.Generator) -> str:
+  """Writes a caption for ``attrs`` with a randomly chosen template.
+
+  Args:
+    attrs: attribute indices as for ``render``.
+    rng: numpy Generator choosing the template.
+  Returns:
+    lower-case caption; always names the shape, its colour and the
+    background colour, and sometimes the size and/or the position.
+  """
+  template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+  text = template.format(
+      c=ATTRIBUTES['color'][attrs['color']],
+      s=SHAPES[attrs['shape']],
+      b=ATTRIBUTES['background'][attrs['background']],
+      z=SIZES[attrs['size']],
+      p=_position_phrase(POSITIONS[attrs['position']], rng)
+      if '{p}' in template else '')
+  return _fix_articles(text)
+
+
+def caption_words(text: str) -> list[str]:
+  """Splits a caption into lower-case words (punctuation dropped)."""
+  return _WORD_RE.findall(text.lower())
+
+
+def caption_vocabulary() -> list[str]:
+  """Every word any caption can contain (``caption_words`` split).
+
+  Returns:
+    sorted list of unique lower-case words.
+  """
+  words = {'a', 'an'}
+  phrases = _CORNER_PHRASES + sum(_EDGE_PHRASES.values(), ())
+  for template in _TEMPLATES + phrases:
+    words.update(caption_words(re.sub(r'\{\w\}', ' ', template)))
+  for values in ATTRIBUTES.values():
+    for value in values:
+      words.update(caption_words(value))
+  return sorted(words)
+
+
+# --------------------------------------------------------------------------
+# Examples and the tfds builder.
+# --------------------------------------------------------------------------
+
+_SPLIT_STREAM = {'train': 0, 'test': 1}
+
+
+def generate_example(seed: int, split: str, index: int,
+                     resolution: int) -> dict:
+  """Generates example ``index`` of ``split`` deterministically.
+
+  Each (seed, split, index) has its own independent RNG stream, so splits are
+  disjoint streams and examples can be generated in any order.
+
+  Returns:
+    dict with 'image' (uint8 [res, res, 3]), 'caption' (str), the five
+    attribute indices (int) and 'id' (int, = index).
+  """
+  rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index])
+  attrs = sample_attributes(rng)
+  image = render(attrs, resolution, rng)
+  return dict(image=image, caption=caption(attrs, rng), id=index, **attrs)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """uint8 [H, W, 3] -> PNG bytes."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='PNG', compress_level=1)
+  return buf.getvalue()
+
+
+class CaptionedShapesConfig(tfds.core.BuilderConfig):
+  """Config: image resolution, split sizes and generation seed."""
+
+  def __init__(self, *, resolution: int = 32, num_train: int = 20000,
+               num_test: int = 1000, seed: int = 0, **kwargs):
+    name = f'r{resolution}_n{num_train}_t{num_test}_s{seed}'
+    super().__init__(name=name, **kwargs)
+    self.resolution = resolution
+    self.num_train = num_train
+    self.num_test = num_test
+    self.seed = seed
+
+
+class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
+  """tfds builder of the procedural CaptionedShapes dataset.
+
+  Features: 'image' (PNG bytes, decoded by the input pipeline), 'caption'
+  (text), 'shape'/'color'/'background'/'size'/'position' (ClassLabel) and
+  'id' (int64 index within the split; record i has id i).
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [CaptionedShapesConfig()]
+  # Nothing is downloaded, so there is no checksums file to locate next to the
+  # code (tfds' lookup would also need the `importlib_resources` package).
+  code_path = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+        'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+        'caption': tfds.features.Text(),
+        'id': tfds.features.Scalar(dtype=np.int64),
+    }
+    for name, names in ATTRIBUTES.items():
+      features[name] = tfds.features.ClassLabel(names=list(names))
+    # Records are stored in id order (record i has id i); readers shuffle.
+    return self.dataset_info_from_configs(
+        description=__doc__, features=tfds.features.FeaturesDict(features),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {'train': self._generate_examples('train', self.builder_config.num_train),
+            'test': self._generate_examples('test', self.builder_config.num_test)}
+
+  def _generate_examples(self, split: str, num: int):
+    config = self.builder_config
+    for index in range(num):
+      ex = generate_example(config.seed, split, index, config.resolution)
+      ex['image'] = encode_png(ex['image'])
+      yield index, ex
+
+
+def default_data_dir() -> str:
+  """``$UNCLIP_DATA_DIR`` if set, else ``~/.cache/unclip_jax/datasets``."""
+  return os.environ.get('UNCLIP_DATA_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'unclip_jax', 'datasets')
+
+
+def prepare(data_dir: str | None = None, resolution: int = 32,
+            num_train: int = 20000, num_test: int = 1000,
+            seed: int = 0) -> CaptionedShapes:
+  """Returns the builder for this config, generating the data if missing.
+
+  Args:
+    data_dir: tfds data directory; None -> ``default_data_dir()``.
+    resolution, num_train, num_test, seed: the dataset config.
+  Returns:
+    a prepared ``CaptionedShapes`` builder (array_record files on disk).
+  """
+  config = CaptionedShapesConfig(resolution=resolution, num_train=num_train,
+                                 num_test=num_test, seed=seed)
+  # Use the registered instance for the default config (tfds rejects a new
+  # object with the same name).
+  config = CaptionedShapes.builder_configs.get(config.name, config)
+
+  def make_builder():
+    return CaptionedShapes(config=config, data_dir=data_dir or default_data_dir(),
+                           file_format='array_record')
+
+  builder = make_builder()
+  if not builder.is_prepared():
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except OSError:
+      # Another process (e.g. another host of the same job) finished writing
+      # the same config first and our final rename failed: use its files.
+      builder = make_builder()
+      if not builder.is_prepared():
+        raise
+  return builder

@@ -1,0 +1,56 @@
+"""Command-line entry point: `python -m unclip_jax.main --config=configs/clip.py:tiny --workdir=DIR`.
+
+Every config field can be overridden: `--config.optim.lr=3e-4`. Unknown fields and values of the
+wrong type are rejected by the flag parser; inconsistent values by `config_lib.validate`, before
+anything is compiled.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Stage config file, e.g. configs/clip.py:tiny.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples. Resumes if it '
+                    'already holds a checkpoint.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host: '
+                  'TPU pods and SLURM/GPU clusters are detected automatically).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries:
+  """Drops INFO-level chatter from orbax/tfds/grain; warnings and errors still pass."""
+  NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/')
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info('JAX processes: %d/%d, devices: %s', jax.process_index() + 1, jax.process_count(),
+               jax.devices())
+  try:
+    config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())
+  except config_lib.ConfigError as e:
+    sys.exit(f'Invalid config: {e}')
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  """Console entry point (`unclip-train`)."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,147 @@
+"""CLIP's two towers (Radford et al. 2021): a causal text transformer and a ViT image encoder.
+
+Both map their input to an `embed_dim` vector (not normalised here; the stage normalises).
+The text tower also returns its final per-token hidden states, which the prior and the decoder use
+as the caption's token encodings.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.models.transformer import LayerNorm, Transformer, dense
+
+Dtype = Any
+
+
+def _param(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class TextTransformer(nn.Module):
+  """Tokens [B, L] → (pooled embedding [B, embed_dim], token encodings [B, L, width]).
+
+  Pools the final-layer-normed hidden state at the first end-of-text token (`eot_id`).
+  """
+  vocab_size: int
+  context_length: int
+  width: int
+  depth: int
+  num_heads: int
+  embed_dim: int
+  eot_id: int
+  mlp_ratio: float = 4.0
+  activation: str = 'quick_gelu'
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if tokens.shape[-1] > self.context_length:
+      raise ValueError(f'tokens have length {tokens.shape[-1]} > context_length '
+                       f'{self.context_length}')
+    length = tokens.shape[-1]
+    x = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32, name='token_embedding',
+                 embedding_init=_param(nn.initializers.normal(0.02), ('vocab', 'embed')))(tokens)
+    pos = self.param('positional_embedding', _param(nn.initializers.normal(0.01),
+                                                     ('length', 'embed')),
+                     (self.context_length, self.width), jnp.float32)
+    x = (x + pos[:length]).astype(self.dtype)
+    x = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.activation, causal=True,
+                    remat=self.remat, dtype=self.dtype, name='transformer')(x)
+    x = LayerNorm(jnp.float32, name='ln_final')(x)
+    eot_index = jnp.argmax(tokens == self.eot_id, axis=-1)
+    pooled = jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]
+    embedding = dense(self.embed_dim, ('embed', 'proj'), dtype=jnp.float32, use_bias=False,
+                      name='projection',
+                      kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
+    return embedding, x
+
+
+class VisionTransformer(nn.Module):
+  """Images [B, H, W, 3] in [-1, 1] (NHWC) → (embedding [B, embed_dim], tokens [B, 1+N, width])."""
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  embed_dim: int
+  mlp_ratio: float = 4.0
+  activation: str = 'quick_gelu'
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, h, w, _ = images.shape
+    if h % self.patch_size or w % self.patch_size:
+      raise ValueError(f'image size {h}x{w} is not divisible by patch_size {self.patch_size}')
+    x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
+                use_bias=False, padding='VALID', dtype=self.dtype, param_dtype=jnp.float32,
+                name='patch_embedding',
+                kernel_init=_param(nn.initializers.lecun_normal(),
+                                   (None, None, 'channels', 'embed')))(images.astype(self.dtype))
+    x = x.reshape(b, -1, self.width)
+    cls = self.param('class_embedding', _param(nn.initializers.normal(self.width ** -0.5),
+                                               ('embed',)), (self.width,), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)
+    num_tokens = (self.image_size // self.patch_size) ** 2 + 1
+    pos = self.param('positional_embedding', _param(nn.initializers.normal(self.width ** -0.5),
+                                                     ('length', 'embed')),
+                     (num_tokens, self.width), jnp.float32)
+    if x.shape[1] != num_tokens:
+      raise ValueError(f'images of {h}x{w} give {x.shape[1]} tokens; the model was built for '
+                       f'image_size={self.image_size} ({num_tokens} tokens)')
+    x = LayerNorm(self.dtype, name='ln_pre')(x + pos.astype(x.dtype))
+    x = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.activation,
+                    remat=self.remat, dtype=self.dtype, name='transformer')(x)
+    pooled = LayerNorm(jnp.float32, name='ln_post')(x[:, 0])
+    embedding = dense(self.embed_dim, ('embed', 'proj'), dtype=jnp.float32, use_bias=False,
+                      name='projection',
+                      kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
+    return embedding, x
+
+
+class CLIP(nn.Module):
+  """The two towers plus a learned temperature.
+
+  `__call__(images, tokens)` returns unit-normalised image and text embeddings [B, embed_dim] and
+  the logit scale exp(t) clamped at `max_logit_scale` (100 in CLIP).
+  """
+  text: dict
+  vision: dict
+  embed_dim: int
+  init_logit_scale: float = float(np.log(1 / 0.07))
+  max_logit_scale: float = 100.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.text_tower = TextTransformer(embed_dim=self.embed_dim, dtype=self.dtype, **self.text)
+    self.vision_tower = VisionTransformer(embed_dim=self.embed_dim, dtype=self.dtype,
+                                          **self.vision)
+    self.logit_scale = self.param('logit_scale', _param(nn.initializers.constant(
+        self.init_logit_scale), ()), (), jnp.float32)
+
+  def encode_text(self, tokens: jax.Array, normalize: bool = True):
+    """Tokens [B, L] → (embedding [B, D], token encodings [B, L, width])."""
+    emb, hidden = self.text_tower(tokens)
+    return (_l2_normalize(emb) if normalize else emb), hidden
+
+  def encode_image(self, images: jax.Array, normalize: bool = True) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] → embedding [B, D]."""
+    emb, _ = self.vision_tower(images)
+    return _l2_normalize(emb) if normalize else emb
+
+  def __call__(self, images: jax.Array, tokens: jax.Array):
+    image_emb = self.encode_image(images)
+    text_emb, _ = self.encode_text(tokens)
+    scale = jnp.minimum(jnp.exp(self.logit_scale), self.max_logit_scale)
+    return image_emb, text_emb, scale
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,0 +1,146 @@
+"""Pre-LayerNorm transformer blocks shared by the CLIP towers and the diffusion prior.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`) that the config's rules map
+onto the device mesh. Activations are computed in `dtype`; parameters are kept in float32;
+layer-norm statistics and softmax run in float32.
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.attention import dot_product_attention
+
+Dtype = Any
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'quick_gelu': quick_gelu,
+    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+    'silu': nn.silu,
+}
+
+
+def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, dtype: Dtype,
+          use_bias: bool = True, name: Optional[str] = None,
+          kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
+  """A Dense layer whose kernel [in, out] carries the logical axis names `axes`."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with float32 statistics; the output is cast back to `dtype`."""
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
+                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                     name='ln')(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention over [B, T, width] with `num_heads` heads and a fused qkv projection.
+
+  Kernels: qkv [width, 3, heads, head_dim], out [heads, head_dim, width].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, is_causal: bool = False,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    w_qkv = self.param('qkv_kernel', nn.with_logical_partitioning(
+        _qkv_init(width), ('embed', None, 'heads', 'kv')),
+        (width, 3, self.num_heads, head_dim), jnp.float32)
+    b_qkv = self.param('qkv_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, 'heads', 'kv')), (3, self.num_heads, head_dim), jnp.float32)
+    qkv = jnp.einsum('btd,dkhc->btkhc', x.astype(self.dtype), w_qkv.astype(self.dtype))
+    qkv = qkv + b_qkv.astype(self.dtype)
+    out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask,
+                                is_causal=is_causal)
+    w_out = self.param('out_kernel', nn.with_logical_partitioning(
+        _out_init(width), ('heads', 'kv', 'embed')), (self.num_heads, head_dim, width),
+        jnp.float32)
+    b_out = self.param('out_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros, ('embed',)), (width,), jnp.float32)
+    return jnp.einsum('bthc,hcd->btd', out, w_out.astype(self.dtype)) + b_out.astype(self.dtype)
+
+
+def _qkv_init(width: int):
+  """Normal(0, width**-0.5) for the fused [width, 3, heads, head_dim] qkv kernel."""
+  return nn.initializers.normal(stddev=width ** -0.5)
+
+
+def _out_init(width: int):
+  """Normal(0, width**-0.5) for the [heads, head_dim, width] output kernel."""
+  return nn.initializers.normal(stddev=width ** -0.5)
+
+
+class MLP(nn.Module):
+  """Two-layer feed-forward block: width → mlp_ratio·width → width."""
+  mlp_ratio: float = 4.0
+  activation: str = 'gelu'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = dense(int(width * self.mlp_ratio), ('embed', 'mlp'), dtype=self.dtype, name='fc')(x)
+    h = ACTIVATIONS[self.activation](h)
+    return dense(width, ('mlp', 'embed'), dtype=self.dtype, name='proj')(h)
+
+
+class ResidualBlock(nn.Module):
+  """x + attn(ln(x)), then x + mlp(ln(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  activation: str = 'gelu'
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name='attn')(
+        LayerNorm(self.dtype, name='ln_1')(x), is_causal=self.causal, mask=mask)
+    x = x + MLP(self.mlp_ratio, self.activation, dtype=self.dtype, name='mlp')(
+        LayerNorm(self.dtype, name='ln_2')(x))
+    return x
+
+
+class Transformer(nn.Module):
+  """A stack of `depth` residual blocks (optionally rematerialised to save memory)."""
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  activation: str = 'gelu'
+  causal: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """[B, T, width] → [B, T, width]; `mask` (optional, bool, broadcastable to [B, H, T, T])."""
+    block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+    for i in range(self.depth):
+      x = block(self.num_heads, self.mlp_ratio, self.activation, self.causal, dtype=self.dtype,
+                name=f'block_{i}')(x, mask)
+    return x

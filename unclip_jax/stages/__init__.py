@@ -1,0 +1,25 @@
+"""One module per unCLIP stage; each defines `Stage(config)`, the trainer's only view of it.
+
+A stage object provides:
+  tokenizer                      the tokenizer its data pipeline uses (or None)
+  batch_spec(batch_size)         {key: jax.ShapeDtypeStruct} of the arrays one train step consumes
+  init(rng, batch)               variables with logical partitioning metadata (boxed)
+  loss(params, batch, rng)       (scalar loss, {name: scalar metric}) — pure, jit-able
+  make_iterator(split, batch_size, seed, shuffle, process_index, process_count)
+                                 per-process iterator of numpy batches with get_state/set_state
+  evaluate(params, workdir)      {name: float} — host-driven evaluation with compiled pieces
+  sample(params, workdir, step)  writes samples (images) or does nothing
+  export(params, workdir)        saves what later stages load (e.g. frozen CLIP)
+"""
+
+import importlib
+
+STAGES = ('clip',)
+
+
+def get_stage(config):
+  """Builds the stage named by `config.stage`."""
+  if config.stage not in STAGES:
+    raise ValueError(f'config.stage: unknown stage {config.stage!r}; known: {STAGES}')
+  module = importlib.import_module(f'unclip_jax.stages.{config.stage}')
+  return module.Stage(config)

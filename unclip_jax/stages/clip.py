@@ -1,0 +1,240 @@
+"""The CLIP stage: contrastive training of the text and image towers, zero-shot evaluation,
+and the frozen export that the prior and decoder stages load.
+
+The contrastive loss is computed over the global batch: inside the jitted step the embeddings are
+global arrays, so every example is contrasted with every other example on every device.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from unclip_jax.data import input_pipeline
+from unclip_jax.data import tokenizers
+from unclip_jax.models.clip import CLIP
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Prompt templates for zero-shot classification of each attribute of the built-in data.
+# `{}` is the class name; `{shape}` / `{color}` are filled with every value and the text
+# embeddings averaged (prompt ensembling, as in CLIP).
+ZERO_SHOT_TEMPLATES = {
+    'shape': ('a {color} {}', 'a picture of a {}'),
+    'color': ('a {} {shape}',),
+    'background': ('a {shape} on a {} background',),
+    'size': ('a {} {shape}',),
+}
+
+
+def make_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer named by `config.tokenizer.kind`: 'words' (built-in data) or 'clip_bpe'."""
+  t = config.tokenizer
+  if t.kind == 'words':
+    from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+    return tokenizers.WordTokenizer(captioned_shapes.caption_vocabulary(), t.context_length)
+  if t.kind == 'clip_bpe':
+    if not t.path:
+      raise ValueError("config.tokenizer.path: a merges file (bpe_simple_vocab_16e6.txt.gz, "
+                       "merges.txt or tokenizer.json) is needed for kind 'clip_bpe'")
+    return tokenizers.ClipTokenizer.from_file(t.path, context_length=t.context_length)
+  raise ValueError(f"config.tokenizer.kind: {t.kind!r} is not 'words' or 'clip_bpe'")
+
+
+def build_model(config: ml_collections.ConfigDict) -> CLIP:
+  m = config.model
+  return CLIP(text=dict(m.text), vision=dict(m.vision), embed_dim=m.embed_dim,
+              dtype=DTYPES[config.dtype])
+
+
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array):
+  """Symmetric InfoNCE over the batch.
+
+  Args:
+    image_emb, text_emb: unit-normalised [B, D]; row i of each is a matching pair.
+    scale: the (clamped) logit scale.
+  Returns:
+    (loss, {'i2t_accuracy', 't2i_accuracy', 'logit_scale'}).
+  """
+  logits = scale * image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T
+  labels = jnp.arange(logits.shape[0])
+  loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  metrics = {'i2t_accuracy': jnp.mean(jnp.argmax(logits, 1) == labels),
+             't2i_accuracy': jnp.mean(jnp.argmax(logits, 0) == labels),
+             'logit_scale': scale}
+  return (loss_i2t + loss_t2i) / 2, metrics
+
+
+def recall_at_k(similarity: np.ndarray, k: int) -> float:
+  """Fraction of rows whose own index (the diagonal) is among their top-k columns."""
+  topk = np.argsort(-similarity, axis=1)[:, :k]
+  return float(np.mean(np.any(topk == np.arange(len(similarity))[:, None], axis=1)))
+
+
+class Stage:
+  """See `unclip_jax.stages` for the interface."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model = build_model(config)
+    self._tokenizer = None
+    self._encoders = None
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      self._tokenizer = make_tokenizer(self.config)
+      text = self.config.model.text
+      if self._tokenizer.vocab_size > text.vocab_size:
+        raise ValueError(f'config.model.text.vocab_size: {text.vocab_size} is smaller than the '
+                         f'tokenizer vocabulary ({self._tokenizer.vocab_size})')
+      if self._tokenizer.eot_id != text.eot_id:
+        raise ValueError(f'config.model.text.eot_id: {text.eot_id} differs from the '
+                         f"tokenizer's end token {self._tokenizer.eot_id}")
+    return self._tokenizer
+
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    m = self.config.model
+    size = m.vision.image_size
+    return {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            'tokens': jax.ShapeDtypeStruct((batch_size, m.text.context_length), jnp.int32)}
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch['image'], batch['tokens'])
+
+  def loss(self, params, batch, rng):
+    del rng  # CLIP's loss is deterministic.
+    image_emb, text_emb, scale = self.model.apply({'params': params}, batch['image'],
+                                                  batch['tokens'])
+    return contrastive_loss(image_emb, text_emb, scale)
+
+  def make_iterator(self, split, batch_size, *, seed, shuffle, process_index, process_count):
+    return input_pipeline.make_iterator(
+        self.config.data, split=split, batch_size=batch_size, tokenizer=self.tokenizer,
+        seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count)
+
+  # --- evaluation -----------------------------------------------------------------------------
+
+  def _compiled_encoders(self):
+    if self._encoders is None:
+      image = jax.jit(lambda p, x: self.model.apply({'params': p}, x,
+                                                    method=CLIP.encode_image))
+      text = jax.jit(lambda p, t: self.model.apply({'params': p}, t,
+                                                   method=CLIP.encode_text)[0])
+      self._encoders = image, text
+    return self._encoders
+
+  def embed_images(self, params, images: np.ndarray) -> np.ndarray:
+    """Images [N, H, W, 3] in [-1, 1] → unit embeddings [N, D], in batches."""
+    encode, _ = self._compiled_encoders()
+    return _batched(lambda x: encode(params, x), images, self.config.eval.batch_size)
+
+  def embed_texts(self, params, texts: list[str]) -> np.ndarray:
+    """Texts → unit embeddings [N, D], in batches."""
+    _, encode = self._compiled_encoders()
+    tokens = self.tokenizer(list(texts))
+    return _batched(lambda t: encode(params, t), tokens, self.config.eval.batch_size)
+
+  def zero_shot_classifier(self, params, attribute: str) -> np.ndarray:
+    """Unit class embeddings [num_classes, D] for one attribute, from ensembled prompts."""
+    from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+    names = captioned_shapes.ATTRIBUTES
+    rows = []
+    for value in names[attribute]:
+      prompts = [t.format(value, shape=s, color=c)
+                 for t in ZERO_SHOT_TEMPLATES[attribute]
+                 for s in names['shape'] for c in names['color']
+                 if not (attribute == 'shape' and '{shape}' in t)]
+      emb = self.embed_texts(params, sorted(set(prompts))).mean(0)
+      rows.append(emb / np.linalg.norm(emb))
+    return np.stack(rows)
+
+  def evaluate(self, params, workdir: Optional[str] = None) -> dict[str, float]:
+    """Zero-shot accuracy per attribute and retrieval recall@1/@5 on the held-out split."""
+    del workdir
+    e = self.config.eval
+    data = input_pipeline.load_split(self.config.data, 'test', tokenizer=self.tokenizer,
+                                     max_examples=e.num_examples)
+    image_emb = self.embed_images(params, data['image'])
+    metrics = {}
+    for attribute in ZERO_SHOT_TEMPLATES:
+      classes = self.zero_shot_classifier(params, attribute)
+      predicted = np.argmax(image_emb @ classes.T, axis=1)
+      metrics[f'zero_shot_{attribute}_accuracy'] = float(np.mean(predicted == data[attribute]))
+    _, encode_text = self._compiled_encoders()
+    text_emb = _batched(lambda t: encode_text(params, t), data['tokens'], e.batch_size)
+    similarity = image_emb @ text_emb.T
+    for k in (1, 5):
+      metrics[f'image_to_text_recall@{k}'] = recall_at_k(similarity, k)
+      metrics[f'text_to_image_recall@{k}'] = recall_at_k(similarity.T, k)
+    return metrics
+
+  def sample(self, params, workdir, step):
+    del params, workdir, step  # CLIP draws nothing.
+
+  # --- export for later stages ----------------------------------------------------------------
+
+  def export(self, params, workdir: str):
+    """Saves the (EMA) params and config to `workdir/export`, loadable by `load_frozen`."""
+    save_frozen(os.path.join(workdir, 'export'), params, self.config)
+
+
+def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
+  out = [np.asarray(jax.device_get(fn(array[i:i + batch_size])))
+         for i in range(0, len(array), batch_size)]
+  return np.concatenate(out).astype(np.float32)
+
+
+def save_frozen(path: str, params, config: ml_collections.ConfigDict):
+  """Writes `params` (orbax) and `config.json` under `path`, replacing an older export."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(path, 'params'), params, force=True)
+  ckpt.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+class FrozenClip:
+  """A trained CLIP for the later stages: tokenizer, text and image encoders, fixed params."""
+
+  def __init__(self, stage: Stage, params):
+    self.stage = stage
+    self.params = params
+    self.config = stage.config
+    self.tokenizer = stage.tokenizer
+
+  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens [B, L] → (unit embedding [B, D], token encodings [B, L, width]). Jit-able."""
+    return self.stage.model.apply({'params': self.params}, tokens,
+                                  method=CLIP.encode_text)
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] → unit embedding [B, D]. Jit-able."""
+    return self.stage.model.apply({'params': self.params}, images,
+                                  method=CLIP.encode_image)
+
+
+def load_frozen(path: str) -> FrozenClip:
+  """Loads a CLIP saved by `save_frozen` (a CLIP run's `workdir/export`, or the workdir)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'export')):
+    path = os.path.join(path, 'export')
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'no frozen CLIP at {path}: {config_path} is missing (train the '
+                            'CLIP stage first, or convert a checkpoint)')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  stage = Stage(config)
+  params = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'))
+  return FrozenClip(stage, params)

@@ -1,0 +1,377 @@
+"""The one training loop for every unCLIP stage.
+
+`train_and_evaluate(config, workdir)`: builds the mesh and the stage, creates (or restores) the
+sharded train state, and runs the compiled train step, with EMA, a non-finite-gradient guard,
+periodic logging, evaluation, sampling and checkpoints. The stage supplies its model, loss, data,
+evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stage it trains.
+"""
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax import config_lib
+from unclip_jax import stages
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  ema_params: PyTree
+  rng: jax.Array               # raw uint32 key, split every step
+  nonfinite_steps: jax.Array   # updates skipped because the loss or gradients were not finite
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and sharding
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) device mesh from `config.mesh.shape` (one -1 allowed)."""
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.resolve_mesh_shape(config.mesh.shape, len(devices))
+  return jax.make_mesh(shape, config_lib.MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def logical_rules(config) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.mesh.rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the data-parallel axes."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh,
+                      keys=None) -> dict[str, jax.Array]:
+  """Assembles every process's local batch into global arrays sharded over the batch axes.
+
+  Only `keys` (default: every numeric entry) are kept; captions never enter the compiled step.
+  """
+  sharding = batch_sharding(mesh)
+  keys = [k for k, v in local_batch.items() if np.asarray(v).dtype.kind in 'fiub'] \
+      if keys is None else keys
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+          for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to `optim.lr`, then cosine decay to `end_lr_ratio·lr` (or constant)."""
+  o = config.optim
+  warmup = min(o.warmup_steps, max(config.num_train_steps - 1, 0))
+  if o.schedule == 'constant':
+    after = optax.constant_schedule(o.lr)
+  else:
+    after = optax.cosine_decay_schedule(o.lr, max(config.num_train_steps - warmup, 1),
+                                        alpha=o.end_lr_ratio)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on matrices and convolution kernels only (not biases, norms, scalars)."""
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with the warmup+cosine schedule, preceded by global-norm clipping."""
+  o = config.optim
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# State creation
+
+
+def _init_state_fn(stage, tx, batch_spec, seed):
+  """Returns a function () → TrainState whose params are still boxed with logical axes."""
+  def init():
+    rng = jax.random.PRNGKey(seed)
+    rng, init_rng = jax.random.split(rng)
+    batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_spec.items()}
+    params = stage.init(init_rng, batch)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params, rng=rng,
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
+  return init
+
+
+def state_shardings(init_fn, mesh, rules) -> tuple[PyTree, PyTree]:
+  """(abstract unboxed state, its NamedShardings) from the logical axes of the boxed params."""
+  boxed = jax.eval_shape(init_fn)
+  specs = nn.get_partition_spec(boxed)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(init_fn()))
+  return abstract, shardings
+
+
+def create_train_state(stage, config, mesh, tx) -> tuple[TrainState, PyTree]:
+  """Initialises the state under jit so each parameter is born sharded per the rules."""
+  rules = logical_rules(config)
+  spec = stage.batch_spec(config.batch_size)
+  init_fn = _init_state_fn(stage, tx, spec, config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, shardings = state_shardings(init_fn, mesh, rules)
+    state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+  return state, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step
+
+
+def _ema_decay(config, step):
+  d = config.ema.decay
+  if config.ema.warmup:
+    return jnp.minimum(d, (1.0 + step) / (10.0 + step))
+  return jnp.asarray(d, jnp.float32)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(stage, config, tx) -> Callable:
+  """(state, batch) → (state, metrics). Pure; the caller jits it with shardings and donation."""
+  accum = config.optim.accum_steps
+  schedule = learning_rate_schedule(config)
+
+  def grads_of(params, batch, rng):
+    return jax.value_and_grad(stage.loss, has_aux=True)(params, batch, rng)
+
+  def accumulated(params, batch, rng):
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+    def body(carry, xs):
+      mb, i = xs
+      (loss, metrics), grads = grads_of(params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+    (loss, metrics), grads = grads_of(params, jax.tree.map(lambda x: x[0], micro), rng)
+    zero = jax.tree.map(jnp.zeros_like, (loss, metrics, grads))
+    total, _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
+    return jax.tree.map(lambda x: x / accum, total)
+
+  def train_step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    if accum == 1:
+      (loss, metrics), grads = grads_of(state.params, batch, step_rng)
+    else:
+      loss, metrics, grads = accumulated(state.params, batch, step_rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = _ema_decay(config, state.step)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        ema_params=keep(ema, state.ema_params),
+        rng=rng,
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                   nonfinite_steps=new_state.nonfinite_steps)
+    return new_state, metrics
+
+  return train_step
+
+
+def compile_train_step(stage, config, mesh, tx, state_sharding):
+  """jax.jit of the train step with in/out shardings and the state donated."""
+  step = make_train_step(stage, config, tx)
+  replicated = NamedSharding(mesh, P())
+  data = batch_sharding(mesh)
+  spec = stage.batch_spec(config.batch_size)
+  return jax.jit(step, in_shardings=(state_sharding, {k: data for k in spec}),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoint.keep, create=True,
+      enable_async_checkpointing=config.checkpoint.async_save)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def save_checkpoint(manager, state: TrainState, data_iter, config):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+  step = int(jax.device_get(state.step))
+  args = dict(state=ocp.args.StandardSave(state),
+              config=ocp.args.JsonSave(config.to_dict()))
+  if data_iter is not None and hasattr(data_iter, 'get_state'):
+    args['data'] = grain.checkpoint.CheckpointSave(data_iter)
+  manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+
+def restore_checkpoint(manager, abstract_state, shardings, data_iter, step=None):
+  """Restores the latest (or given) step into sharded arrays and the data iterator in place."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+  step = manager.latest_step() if step is None else step
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)
+  args = dict(state=ocp.args.StandardRestore(target))
+  if data_iter is not None and 'data' in manager.item_metadata(step):
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # orbax raises several types for unreadable/mismatched checkpoints
+    raise RuntimeError(
+        f'could not restore checkpoint step {step} from {manager.directory}: {e}. The checkpoint '
+        'is left untouched; point --workdir elsewhere or fix the config to match it.') from e
+  return restored['state']
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class _LoggingWriter:
+  """Fallback writer when clu/TensorFlow are unavailable (e.g. a bare GPU image)."""
+
+  def write_scalars(self, step, scalars):
+    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def create_writer(workdir: str):
+  """clu's default writer (TensorBoard + logging) on process 0; logging elsewhere."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('clu is not installed: metrics go to the log only')
+    return _LoggingWriter()
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def _progress_hooks(config, writer, workdir):
+  try:
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           writer=writer,
+                                           every_steps=config.log_every_steps)]
+  return hooks
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  history = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Returns the final evaluation metrics.
+  """
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  stage = stages.get_stage(config)
+  mesh = make_mesh(config)
+  rules = logical_rules(config)
+  tx = make_optimizer(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  local_batch = config.batch_size // jax.process_count()
+  data_iter = stage.make_iterator('train', local_batch, seed=config.seed, shuffle=True,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    init_fn = _init_state_fn(stage, tx, stage.batch_spec(config.batch_size), config.seed)
+    abstract, shardings = state_shardings(init_fn, mesh, rules)
+    manager = checkpoint_manager(workdir, config)
+    if manager.latest_step() is not None:
+      state = restore_checkpoint(manager, abstract, shardings, data_iter)
+      logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
+    else:
+      state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+    train_step = compile_train_step(stage, config, mesh, tx, shardings)
+    batch_keys = list(stage.batch_spec(config.batch_size))
+
+    writer = create_writer(workdir)
+    hooks = _progress_hooks(config, writer, workdir)
+    start = int(jax.device_get(state.step))
+    history = []
+    eval_metrics = {}
+    for step in range(start + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = make_global_batch(next(data_iter), mesh, batch_keys)
+        state, metrics = train_step(state, batch)
+      history.append(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        writer.write_scalars(step, {f'train/{k}': v for k, v in _mean_metrics(history).items()})
+        history = []
+      last = step == config.num_train_steps
+      if last or (config.eval_every_steps and step % config.eval_every_steps == 0):
+        eval_metrics = stage.evaluate(state.ema_params, workdir)
+        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+      if last or (config.sample_every_steps and step % config.sample_every_steps == 0):
+        stage.sample(state.ema_params, workdir, step)
+      if last or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0):
+        save_checkpoint(manager, state, data_iter, config)
+    if start >= config.num_train_steps:
+      eval_metrics = stage.evaluate(state.ema_params, workdir)
+    manager.wait_until_finished()
+    stage.export(state.ema_params, workdir)
+    writer.flush()
+  if jax.process_index() == 0 and eval_metrics:
+    with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
+      json.dump(eval_metrics, f, indent=2)
+  return eval_metrics
