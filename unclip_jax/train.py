@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
 from unclip_jax import stages
+from unclip_jax.data import input_pipeline
 
 PyTree = Any
 
@@ -183,7 +184,7 @@ def make_train_step(stage, config, tx) -> Callable:
       (loss, metrics), grads = grads_of(state.params, batch, step_rng)
     else:
       loss, metrics, grads = accumulated(state.params, batch, step_rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -311,13 +312,21 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
 # The loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage=None,
+                       stop_at_step: Optional[int] = None) -> dict[str, float]:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Returns the final evaluation metrics.
+  Args:
+    config: a stage config (see configs/).
+    workdir: the run directory.
+    stage: a stage object to train instead of the one `config.stage` names.
+    stop_at_step: save a checkpoint and return after this step, as a preempted job would; the
+      schedule is still that of `config.num_train_steps`, and a later call resumes.
+  Returns:
+    The final evaluation metrics ({} when stopped early).
   """
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  stage = stages.get_stage(config)
+  stage = stages.get_stage(config) if stage is None else stage
   mesh = make_mesh(config)
   rules = logical_rules(config)
   tx = make_optimizer(config)
@@ -356,7 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for hook in hooks:
         hook(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        writer.write_scalars(step, {f'train/{k}': v for k, v in _mean_metrics(history).items()})
+        scalars = {f'train/{k}': v for k, v in _mean_metrics(history).items()}
+        scalars.update({f'data/skipped_{k}': v for k, v in input_pipeline.skip_counts().items()})
+        writer.write_scalars(step, scalars)
         history = []
       last = step == config.num_train_steps
       if last or (config.eval_every_steps and step % config.eval_every_steps == 0):
@@ -364,8 +375,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
       if last or (config.sample_every_steps and step % config.sample_every_steps == 0):
         stage.sample(state.ema_params, workdir, step)
-      if last or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0):
+      stopping = step == stop_at_step
+      if last or stopping or (config.checkpoint.every_steps and
+                              step % config.checkpoint.every_steps == 0):
         save_checkpoint(manager, state, data_iter, config)
+      if stopping:
+        manager.wait_until_finished()
+        writer.flush()
+        return {}
     if start >= config.num_train_steps:
       eval_metrics = stage.evaluate(state.ema_params, workdir)
     manager.wait_until_finished()

@@ -198,7 +198,8 @@ def _position_phrase(position: str, rng: np.random.Generator) -> str:
   return str(rng.choice(phrases)).format(p=position)
 
 
-def _fix_articles(text: str) -> str:
+def fix_articles(text: str) -> str:
+  """'a orange ...' → 'an orange ...'."""
   return re.sub(r'\ba (?=[aeiou])', 'an ', text)
 
 
@@ -220,7 +221,7 @@ def caption(attrs: dict[str, int], rng: np.random.Generator) -> str:
       z=SIZES[attrs['size']],
       p=_position_phrase(POSITIONS[attrs['position']], rng)
       if '{p}' in template else '')
-  return _fix_articles(text)
+  return fix_articles(text)
 
 
 def caption_words(text: str) -> list[str]:

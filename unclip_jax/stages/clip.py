@@ -21,15 +21,25 @@ from unclip_jax.models.clip import CLIP
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
-# Prompt templates for zero-shot classification of each attribute of the built-in data.
-# `{}` is the class name; `{shape}` / `{color}` are filled with every value and the text
-# embeddings averaged (prompt ensembling, as in CLIP).
-ZERO_SHOT_TEMPLATES = {
-    'shape': ('a {color} {}', 'a picture of a {}'),
-    'color': ('a {} {shape}',),
-    'background': ('a {shape} on a {} background',),
-    'size': ('a {} {shape}',),
-}
+# Zero-shot prompts for the built-in data: the attribute's value in a full caption, averaged over
+# every combination of the other attributes (prompt ensembling, as in CLIP).
+ZERO_SHOT_TEMPLATE = 'a {size}{color} {shape} on a {background} background'
+ZERO_SHOT_ATTRIBUTES = ('shape', 'color', 'background', 'size')
+
+
+def zero_shot_prompts(attribute: str, value: str) -> list[str]:
+  """Every caption of the template in which `attribute` is `value`."""
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  names = captioned_shapes.ATTRIBUTES
+  prompts = []
+  for shape in names['shape']:
+    for color in names['color']:
+      for background in names['background']:
+        fields = dict(shape=shape, color=color, background=background, size='')
+        fields[attribute] = value + (' ' if attribute == 'size' else '')
+        if fields['color'] != fields['background']:
+          prompts.append(captioned_shapes.fix_articles(ZERO_SHOT_TEMPLATE.format(**fields)))
+  return sorted(set(prompts))
 
 
 def make_tokenizer(config: ml_collections.ConfigDict):
@@ -144,14 +154,9 @@ class Stage:
   def zero_shot_classifier(self, params, attribute: str) -> np.ndarray:
     """Unit class embeddings [num_classes, D] for one attribute, from ensembled prompts."""
     from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
-    names = captioned_shapes.ATTRIBUTES
     rows = []
-    for value in names[attribute]:
-      prompts = [t.format(value, shape=s, color=c)
-                 for t in ZERO_SHOT_TEMPLATES[attribute]
-                 for s in names['shape'] for c in names['color']
-                 if not (attribute == 'shape' and '{shape}' in t)]
-      emb = self.embed_texts(params, sorted(set(prompts))).mean(0)
+    for value in captioned_shapes.ATTRIBUTES[attribute]:
+      emb = self.embed_texts(params, zero_shot_prompts(attribute, value)).mean(0)
       rows.append(emb / np.linalg.norm(emb))
     return np.stack(rows)
 
@@ -163,7 +168,7 @@ class Stage:
                                      max_examples=e.num_examples)
     image_emb = self.embed_images(params, data['image'])
     metrics = {}
-    for attribute in ZERO_SHOT_TEMPLATES:
+    for attribute in ZERO_SHOT_ATTRIBUTES:
       classes = self.zero_shot_classifier(params, attribute)
       predicted = np.argmax(image_emb @ classes.T, axis=1)
       metrics[f'zero_shot_{attribute}_accuracy'] = float(np.mean(predicted == data[attribute]))
@@ -186,8 +191,14 @@ class Stage:
 
 
 def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
-  out = [np.asarray(jax.device_get(fn(array[i:i + batch_size])))
-         for i in range(0, len(array), batch_size)]
+  """Applies `fn` to fixed-size chunks (the last one padded), so it compiles once."""
+  out = []
+  for i in range(0, len(array), batch_size):
+    chunk = array[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out.append(np.asarray(jax.device_get(fn(chunk)))[:batch_size - pad])
   return np.concatenate(out).astype(np.float32)
 
 
