@@ -1,0 +1,103 @@
+"""The CLIP stage: loss over the global batch, metrics, zero-shot prompts, training end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax import config_lib
+from unclip_jax.stages import clip
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _reference_loss(img, txt, scale):
+  logits = scale * img @ txt.T
+  def ce(l):
+    l = l - l.max(1, keepdims=True)
+    return np.mean(np.log(np.exp(l).sum(1)) - np.diag(l))
+  return (ce(logits) + ce(logits.T)) / 2
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_contrastive_loss_over_the_global_batch():
+  rng = np.random.default_rng(0)
+  img, txt = _unit(rng.normal(size=(16, 8))), _unit(rng.normal(size=(16, 8)))
+  img, txt = img.astype(np.float32), txt.astype(np.float32)
+  expected = _reference_loss(img, txt, 10.0)
+  mesh = jax.make_mesh((8, 1, 1), config_lib.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  shard = NamedSharding(mesh, P(('data', 'fsdp')))
+  loss, metrics = jax.jit(clip.contrastive_loss)(jax.device_put(img, shard),
+                                                 jax.device_put(txt, shard), 10.0)
+  # Every example is contrasted with all 16, not only the 2 on its own device.
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  per_shard = np.mean([_reference_loss(img[i:i + 2], txt[i:i + 2], 10.0)
+                       for i in range(0, 16, 2)])
+  assert abs(per_shard - expected) > 1e-2
+  matched, _ = clip.contrastive_loss(img, img, 100.0)
+  assert float(matched) < 1e-3
+  assert float(metrics['i2t_accuracy']) == np.mean(np.argmax(img @ txt.T, 1) == np.arange(16))
+
+
+def test_recall_at_k():
+  sim = np.eye(4) + 0.1 * np.arange(4)[None, :]
+  assert clip.recall_at_k(sim, 1) == 1.0
+  assert clip.recall_at_k(-sim, 1) == 0.0
+  assert clip.recall_at_k(-sim, 4) == 1.0
+
+
+def test_zero_shot_prompts():
+  prompts = clip.zero_shot_prompts('color', 'orange')
+  assert len(prompts) == 5 * 7 and all('an orange ' in p for p in prompts)
+  assert not any('orange background' in p for p in prompts)
+  assert all(p.startswith('a large ') for p in clip.zero_shot_prompts('size', 'large'))
+
+
+def test_tokenizer_must_match_the_model(make_tiny_clip_config):
+  config = make_tiny_clip_config(**{'model.text.eot_id': 7})
+  with pytest.raises(ValueError, match='config.model.text.eot_id'):
+    _ = clip.Stage(config).tokenizer
+  config = make_tiny_clip_config(**{'model.text.vocab_size': 10})
+  with pytest.raises(ValueError, match='config.model.text.vocab_size'):
+    _ = clip.Stage(config).tokenizer
+  config = make_tiny_clip_config(**{'tokenizer.kind': 'clip_bpe'})
+  with pytest.raises(ValueError, match='config.tokenizer.path'):
+    _ = clip.Stage(config).tokenizer
+
+
+def test_load_frozen_reports_missing_export(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no frozen CLIP'):
+    clip.load_frozen(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_tiny_clip_learns_zero_shot_attributes(data_dir, tmp_path):
+  """The README's main job at a shorter length: trains from the command line on one device."""
+  workdir = tmp_path / 'clip'
+  env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3')
+  result = subprocess.run(
+      [sys.executable, '-m', 'unclip_jax.main', '--config=configs/clip.py:tiny',
+       f'--workdir={workdir}', '--config.num_train_steps=350', '--config.optim.warmup_steps=50',
+       '--config.data.num_train=8000', '--config.checkpoint.every_steps=0'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((workdir / 'eval_metrics.json').read_text())
+  print(metrics)
+  # Chance: colour and background 1/8, shape 1/5, size 1/3.
+  assert metrics['zero_shot_color_accuracy'] > 0.8
+  assert metrics['zero_shot_background_accuracy'] > 0.8
+  assert metrics['zero_shot_shape_accuracy'] > 0.6
+  assert metrics['image_to_text_recall@5'] > 0.5
+  frozen = clip.load_frozen(str(workdir))
+  tokens = frozen.tokenizer(['a red circle on a blue background'])
+  emb, hidden = frozen.encode_text(tokens)
+  assert emb.shape == (1, frozen.config.model.embed_dim) and hidden.shape[:2] == tokens.shape

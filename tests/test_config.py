@@ -1,0 +1,85 @@
+"""Config presets, command-line overrides and the errors for invalid configs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import clip as clip_config
+from unclip_jax import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'vit_b16', 'vit_l14'])
+def test_presets_are_valid(preset):
+  c = clip_config.get_config(preset)
+  config_lib.validate(c, num_devices=8)
+  assert c.data.resolution == c.model.vision.image_size
+  assert c.tokenizer.context_length == c.model.text.context_length
+
+
+def test_published_sizes():
+  b16, l14 = clip_config.get_config('vit_b16'), clip_config.get_config('vit_l14')
+  assert (b16.model.vision.patch_size, b16.model.vision.width, b16.model.embed_dim) == (16, 768, 512)
+  assert (l14.model.vision.patch_size, l14.model.vision.depth, l14.model.embed_dim) == (14, 24, 768)
+  assert l14.model.text.vocab_size == 49408 and l14.model.text.context_length == 77
+
+
+def test_shared_fields_follow_overrides():
+  c = clip_config.get_config('tiny')
+  c.data.resolution = 48
+  assert c.model.vision.image_size == 48
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError, match='unknown preset'):
+    clip_config.get_config('vit_h99')
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('batch_size', 12, r'config.batch_size: 12 is not divisible by the data-parallel size 8'),
+    ('mesh.shape', (2, 2, 1), r'config.mesh.shape: \(2, 2, 1\) has 4 devices but 8'),
+    ('mesh.shape', (3, -1, 1), r'config.mesh.shape: .* does not divide the 8 devices'),
+    ('mesh.shape', (2, 2), r'config.mesh.shape: .* must have 3 entries'),
+    ('mesh.rules', (('batch', 'pipeline'),), r'config.mesh.rules'),
+    ('dtype', 'float8', r'config.dtype'),
+    ('optim.lr', -1.0, r'config.optim.lr: must be positive'),
+    ('optim.accum_steps', 3, r'config.optim.accum_steps'),
+    ('ema.decay', 1.0, r'config.ema.decay'),
+])
+def test_invalid_configs_name_the_field(field, value, message):
+  c = clip_config.get_config('tiny')
+  node = c
+  *parents, leaf = field.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_mesh_resolution():
+  assert config_lib.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  assert config_lib.resolve_mesh_shape((1, 1, -1), 8) == (1, 1, 8)
+
+
+def _main(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', 'unclip_jax.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.optim.lrr=1e-3', 'lrr'),
+    ('--config.optim.lr=fast', 'lr'),
+    ('--config.batch_size=7', 'config.batch_size: 7 is not divisible by the data-parallel size 2'),
+    ("--config.mesh.shape=(1,1,4)", 'config.mesh.shape: (1, 1, 4) has 4 devices but 2'),
+])
+def test_command_line_rejects_bad_configs_before_compiling(tmp_path, override, message):
+  result = _main('--config=configs/clip.py:tiny', f'--workdir={tmp_path}', override)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
