@@ -6,11 +6,9 @@ periodic logging, evaluation, sampling and checkpoints. The stage supplies its m
 evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stage it trains.
 """
 
-import functools
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Optional
 
 import flax
@@ -24,7 +22,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
 from unclip_jax import stages
-from unclip_jax.data import input_pipeline
 
 PyTree = Any
 
@@ -303,6 +300,11 @@ def _progress_hooks(config, writer, workdir):
   return hooks
 
 
+def _data_skip_counts() -> dict[str, int]:
+  from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return {f'data/skipped_{k}': v for k, v in input_pipeline.skip_counts().items()}
+
+
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
   history = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
@@ -366,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
         hook(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         scalars = {f'train/{k}': v for k, v in _mean_metrics(history).items()}
-        scalars.update({f'data/skipped_{k}': v for k, v in input_pipeline.skip_counts().items()})
+        scalars.update(_data_skip_counts())
         writer.write_scalars(step, scalars)
         history = []
       last = step == config.num_train_steps

@@ -15,7 +15,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from unclip_jax.data import input_pipeline
 from unclip_jax.data import tokenizers
 from unclip_jax.models.clip import CLIP
 
@@ -125,6 +124,7 @@ class Stage:
     return contrastive_loss(image_emb, text_emb, scale)
 
   def make_iterator(self, split, batch_size, *, seed, shuffle, process_index, process_count):
+    from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     return input_pipeline.make_iterator(
         self.config.data, split=split, batch_size=batch_size, tokenizer=self.tokenizer,
         seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count)
@@ -163,6 +163,7 @@ class Stage:
   def evaluate(self, params, workdir: Optional[str] = None) -> dict[str, float]:
     """Zero-shot accuracy per attribute and retrieval recall@1/@5 on the held-out split."""
     del workdir
+    from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     e = self.config.eval
     data = input_pipeline.load_split(self.config.data, 'test', tokenizer=self.tokenizer,
                                      max_examples=e.num_examples)
