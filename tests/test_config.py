@@ -83,3 +83,19 @@ def test_command_line_rejects_bad_configs_before_compiling(tmp_path, override, m
   assert result.returncode != 0
   assert message in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+@pytest.mark.parametrize('preset,published', [('vit_b16', 149_620_737), ('vit_l14', 427_616_513)])
+def test_presets_have_the_published_parameter_counts(preset, published):
+  """OpenAI CLIP ViT-B/16 and ViT-L/14 parameter counts, from shapes only (nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unclip_jax import stages  # pylint: disable=g-import-not-at-top
+  config = clip_config.get_config(preset)
+  stage = stages.get_stage(config)
+  spec = stage.batch_spec(1)
+  shapes = jax.eval_shape(lambda: stage.init(
+      jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert count == published

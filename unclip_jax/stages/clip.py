@@ -191,6 +191,14 @@ class Stage:
     save_frozen(os.path.join(workdir, 'export'), params, self.config)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of `x` on this host, also when it is sharded across processes."""
+  if jax.process_count() > 1 and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.device_get(x)
+
+
 def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
   """Applies `fn` to fixed-size chunks (the last one padded), so it compiles once."""
   out = []
@@ -199,7 +207,7 @@ def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out.append(np.asarray(jax.device_get(fn(chunk)))[:batch_size - pad])
+    out.append(np.asarray(_to_host(fn(chunk)))[:batch_size - pad])
   return np.concatenate(out).astype(np.float32)
 
 

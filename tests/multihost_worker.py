@@ -1,0 +1,38 @@
+"""One process of the two-process test (tests/test_multihost.py); 2 CPU devices each."""
+
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def main(port: str, process_id: str, workdir: str, data_dir: str):
+  jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=int(process_id))
+  from tests.helpers import tiny_clip_config  # pylint: disable=g-import-not-at-top
+  from unclip_jax import stages, train  # pylint: disable=g-import-not-at-top
+  config = tiny_clip_config(data_dir, num_train_steps=6)
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+
+  # The global batch is every process's local batch, in process order.
+  stage = stages.get_stage(config)
+  local = next(stage.make_iterator('train', config.batch_size // 2, seed=0, shuffle=True,
+                                   process_index=jax.process_index(), process_count=2))
+  mesh = train.make_mesh(config)
+  batch = train.make_global_batch(local, mesh, ['image', 'tokens'])
+  assert batch['image'].shape[0] == config.batch_size
+  mine = sorted((s for s in batch['tokens'].addressable_shards), key=lambda s: s.index[0].start)
+  np.testing.assert_array_equal(np.concatenate([s.data for s in mine]), local['tokens'])
+
+  stopped = train.train_and_evaluate(config, workdir, stop_at_step=3)
+  metrics = train.train_and_evaluate(config, workdir)   # resumes at step 3
+  with open(os.path.join(workdir, f'result_{process_id}.json'), 'w') as f:
+    json.dump({'stopped': stopped, 'metrics': metrics}, f)
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])
