@@ -65,9 +65,7 @@ def measure_jax(config, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get('flops', 0.0)) if cost else 0.0
+    total_flops = train.compiled_flops(compiled)
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
@@ -78,8 +76,6 @@ def measure_jax(config, steps: int, warmup: int) -> dict:
     step_s = (time.perf_counter() - t0) / steps
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   devices = jax.devices()
-  # XLA's cost analysis is per device program under SPMD: scale to the whole step.
-  total_flops = flops * len(devices)
   result = {
       'framework': 'jax', 'jax_version': jax.__version__,
       'device_kind': devices[0].device_kind, 'num_devices': len(devices),

@@ -47,9 +47,20 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def _parse_flags(argv):
+  """absl's parser, with bad config overrides reported in one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'Invalid command line: {e}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).replace('\\n', ' ').replace("\\'", '').strip('\'"')
+    sys.exit(f'Invalid config override: unknown field or bad value: {message}')
+
+
 def run():
   """Console entry point (`unclip-train`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

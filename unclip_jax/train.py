@@ -9,6 +9,7 @@ evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stag
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Optional
 
 import flax
@@ -212,6 +213,16 @@ def compile_train_step(stage, config, mesh, tx, state_sharding):
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled SPMD program, over all devices (XLA's cost analysis)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return 0.0
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', 0.0)) * jax.device_count()
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -289,7 +300,7 @@ def create_writer(workdir: str):
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
-def _progress_hooks(config, writer, workdir):
+def _progress_hooks(config, writer):
   try:
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -355,19 +366,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
     batch_keys = list(stage.batch_spec(config.batch_size))
 
     writer = create_writer(workdir)
-    hooks = _progress_hooks(config, writer, workdir)
+    hooks = _progress_hooks(config, writer)
     start = int(jax.device_get(state.step))
     history = []
     eval_metrics = {}
+    compiled, flops_per_step = None, 0.0
     for step in range(start + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = make_global_batch(next(data_iter), mesh, batch_keys)
-        state, metrics = train_step(state, batch)
+        if compiled is None:  # compiled ahead of time once, for its FLOP count
+          compiled = train_step.lower(state, batch).compile()
+          flops_per_step = compiled_flops(compiled)
+          timer = (time.perf_counter(), step - 1)
+        state, metrics = compiled(state, batch)
       history.append(metrics)
       for hook in hooks:
         hook(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         scalars = {f'train/{k}': v for k, v in _mean_metrics(history).items()}
+        elapsed, timer = time.perf_counter() - timer[0], (time.perf_counter(), step)
+        step_time = elapsed / max(len(history), 1)
+        scalars['perf/step_time_s'] = step_time
+        if flops_per_step:
+          scalars['perf/tflops_per_s_per_device'] = (
+              flops_per_step / step_time / 1e12 / jax.device_count())
         scalars.update(_data_skip_counts())
         writer.write_scalars(step, scalars)
         history = []
@@ -377,11 +399,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
       if last or (config.sample_every_steps and step % config.sample_every_steps == 0):
         stage.sample(state.ema_params, workdir, step)
-      stopping = step == stop_at_step
+      stopping = step == stop_at_step or manager.reached_preemption(step)
       if last or stopping or (config.checkpoint.every_steps and
                               step % config.checkpoint.every_steps == 0):
         save_checkpoint(manager, state, data_iter, config)
       if stopping:
+        logging.info('Stopping after step %d (checkpoint saved)', step)
         manager.wait_until_finished()
         writer.flush()
         return {}
