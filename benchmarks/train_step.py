@@ -63,15 +63,16 @@ def measure_jax(config, steps: int, warmup: int) -> dict:
     batch = train.make_global_batch(host_batch, mesh, list(spec))
     step_fn = train.compile_train_step(stage, config, mesh, tx, shardings)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    constants = train.stage_constants(stage, mesh)
+    compiled = step_fn.lower(state, batch, constants).compile()
     compile_s = time.perf_counter() - t0
     total_flops = train.compiled_flops(compiled)
     for _ in range(warmup):
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, constants)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, constants)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / steps
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))

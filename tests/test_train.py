@@ -36,7 +36,7 @@ def _run_steps(stage, config, mesh, batches):
     step = train.compile_train_step(stage, config, mesh, tx, shardings)
     losses = []
     for b in batches:
-      state, metrics = step(state, train.make_global_batch(b, mesh))
+      state, metrics = step(state, train.make_global_batch(b, mesh), {})
       losses.append(float(metrics['loss']))
   return state, losses
 
@@ -79,14 +79,14 @@ def test_nonfinite_update_is_skipped_and_counted(make_tiny_clip_config):
     state, shardings = train.create_train_state(stage, config, mesh, tx)
     step = train.compile_train_step(stage, config, mesh, tx, shardings)
     before = jax.device_get(state)
-    state, metrics = step(state, train.make_global_batch(bad, mesh))
+    state, metrics = step(state, train.make_global_batch(bad, mesh), {})
     after = jax.device_get(state)
     assert not np.isfinite(metrics['loss'])
     assert int(after.step) == 1 and int(after.nonfinite_steps) == 1
     for a, b in zip(jax.tree.leaves((before.params, before.opt_state, before.ema_params)),
                     jax.tree.leaves((after.params, after.opt_state, after.ema_params))):
       np.testing.assert_array_equal(a, b)
-    state, metrics = step(state, train.make_global_batch(batch, mesh))
+    state, metrics = step(state, train.make_global_batch(batch, mesh), {})
     assert np.isfinite(metrics['loss']) and int(metrics['nonfinite_steps']) == 1
     moved = jax.device_get(state.params)
     assert any(not np.array_equal(a, b)
@@ -107,8 +107,8 @@ class _LinearStage:
   def init(self, rng, batch):
     return self.model.init(rng, batch['x'])
 
-  def loss(self, params, batch, rng):
-    del rng
+  def loss(self, params, batch, rng, constants):
+    del rng, constants
     err = self.model.apply({'params': params}, batch['x']) - batch['y']
     return jnp.mean(err ** 2), {'mae': jnp.mean(jnp.abs(err))}
 
@@ -143,8 +143,8 @@ def test_ema_and_learning_rate_schedule(make_tiny_clip_config):
     state, shardings = train.create_train_state(stage, config, mesh, tx)
     step = train.compile_train_step(stage, config, mesh, tx, shardings)
     p0 = jax.device_get(state.params)
-    state, _ = step(state, train.make_global_batch(batch, mesh))   # lr(0) = 0: no move
-    state, _ = step(state, train.make_global_batch(batch, mesh))
+    state, _ = step(state, train.make_global_batch(batch, mesh), {})   # lr(0) = 0: no move
+    state, _ = step(state, train.make_global_batch(batch, mesh), {})
   p2, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
   # decay_t = min(0.999, (1 + t) / (10 + t)): 0.1 at t=0, 2/11 at t=1.
   d1 = 2 / 11

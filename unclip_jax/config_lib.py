@@ -13,6 +13,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 DEFAULT_RULES = (
     ('batch', ('data', 'fsdp')),
     ('embed', 'fsdp'),
+    ('embed_in', None),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('vocab', 'tensor'),

@@ -158,30 +158,37 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(stage, config, tx) -> Callable:
-  """(state, batch) → (state, metrics). Pure; the caller jits it with shardings and donation."""
+  """(state, batch, constants) → (state, metrics). Pure; the caller jits it with shardings.
+
+  `constants` are the stage's fixed inputs (e.g. a frozen CLIP's params), passed to its loss.
+  """
   accum = config.optim.accum_steps
   schedule = learning_rate_schedule(config)
 
-  def grads_of(params, batch, rng):
-    return jax.value_and_grad(stage.loss, has_aux=True)(params, batch, rng)
+  def train_step(state: TrainState, batch, constants):
+    def grads_of(params, batch, rng):
+      return jax.value_and_grad(stage.loss, has_aux=True)(params, batch, rng, constants)
+    return _apply_step(state, batch, grads_of)
 
-  def accumulated(params, batch, rng):
+  def accumulated(params, batch, rng, grads_of):
     micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
     def body(carry, xs):
       mb, i = xs
       (loss, metrics), grads = grads_of(params, mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
-    (loss, metrics), grads = grads_of(params, jax.tree.map(lambda x: x[0], micro), rng)
-    zero = jax.tree.map(jnp.zeros_like, (loss, metrics, grads))
+    # Shapes of the carry from one (traced, not executed) microbatch.
+    shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), rng)
+    (loss, metrics), grads = shapes
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, metrics, grads))
     total, _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
     return jax.tree.map(lambda x: x / accum, total)
 
-  def train_step(state: TrainState, batch):
+  def _apply_step(state: TrainState, batch, grads_of):
     rng, step_rng = jax.random.split(state.rng)
     if accum == 1:
       (loss, metrics), grads = grads_of(state.params, batch, step_rng)
     else:
-      loss, metrics, grads = accumulated(state.params, batch, step_rng)
+      loss, metrics, grads = accumulated(state.params, batch, step_rng, grads_of)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -209,8 +216,14 @@ def compile_train_step(stage, config, mesh, tx, state_sharding):
   replicated = NamedSharding(mesh, P())
   data = batch_sharding(mesh)
   spec = stage.batch_spec(config.batch_size)
-  return jax.jit(step, in_shardings=(state_sharding, {k: data for k in spec}),
+  return jax.jit(step, in_shardings=(state_sharding, {k: data for k in spec}, replicated),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def stage_constants(stage, mesh):
+  """The stage's fixed inputs (frozen params, statistics), replicated on the mesh once."""
+  constants = stage.constants() if hasattr(stage, 'constants') else {}
+  return jax.device_put(constants, NamedSharding(mesh, P()))
 
 
 def compiled_flops(compiled) -> float:
@@ -363,6 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
     else:
       state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
     train_step = compile_train_step(stage, config, mesh, tx, shardings)
+    constants = stage_constants(stage, mesh)
     batch_keys = list(stage.batch_spec(config.batch_size))
 
     writer = create_writer(workdir)
@@ -375,10 +389,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         batch = make_global_batch(next(data_iter), mesh, batch_keys)
         if compiled is None:  # compiled ahead of time once, for its FLOP count
-          compiled = train_step.lower(state, batch).compile()
+          compiled = train_step.lower(state, batch, constants).compile()
           flops_per_step = compiled_flops(compiled)
           timer = (time.perf_counter(), step - 1)
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, constants)
       history.append(metrics)
       for hook in hooks:
         hook(step)

@@ -4,7 +4,9 @@ A stage object provides:
   tokenizer                      the tokenizer its data pipeline uses (or None)
   batch_spec(batch_size)         {key: jax.ShapeDtypeStruct} of the arrays one train step consumes
   init(rng, batch)               variables with logical partitioning metadata (boxed)
-  loss(params, batch, rng)       (scalar loss, {name: scalar metric}) — pure, jit-able
+  constants()                    fixed arrays the loss needs (e.g. a frozen CLIP's params)
+  loss(params, batch, rng, constants)
+                                 (scalar loss, {name: scalar metric}) — pure, jit-able
   make_iterator(split, batch_size, seed, shuffle, process_index, process_count)
                                  per-process iterator of numpy batches with get_state/set_state
   evaluate(params, workdir)      {name: float} — host-driven evaluation with compiled pieces

@@ -117,8 +117,11 @@ class Stage:
   def init(self, rng, batch):
     return self.model.init(rng, batch['image'], batch['tokens'])
 
-  def loss(self, params, batch, rng):
-    del rng  # CLIP's loss is deterministic.
+  def constants(self):
+    return {}
+
+  def loss(self, params, batch, rng, constants):
+    del rng, constants  # CLIP's loss is deterministic and needs nothing fixed.
     image_emb, text_emb, scale = self.model.apply({'params': params}, batch['image'],
                                                   batch['tokens'])
     return contrastive_loss(image_emb, text_emb, scale)
