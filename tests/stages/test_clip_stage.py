@@ -75,7 +75,7 @@ def test_tokenizer_must_match_the_model(make_tiny_clip_config):
 
 
 def test_load_frozen_reports_missing_export(tmp_path):
-  with pytest.raises(FileNotFoundError, match='no frozen CLIP'):
+  with pytest.raises(FileNotFoundError, match='no exported CLIP'):
     clip.load_frozen(str(tmp_path))
 
 

@@ -113,7 +113,8 @@ def _gather(values: Array, t: Array, ndim: int) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 _ARRAY_FIELDS = (
-    'betas', 'log_betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_alphas_cumprod',
+    'betas', 'log_betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_alphas_cumprod_prev',
+    'one_minus_alphas_cumprod_prev', 'sqrt_one_minus_alphas_cumprod_prev', 'sqrt_alphas_cumprod',
     'sqrt_one_minus_alphas_cumprod', 'log_one_minus_alphas_cumprod', 'sqrt_recip_alphas_cumprod',
     'sqrt_recipm1_alphas_cumprod', 'posterior_variance', 'posterior_log_variance_clipped',
     'posterior_mean_coef1', 'posterior_mean_coef2', 'fixed_large_variance',
@@ -145,7 +146,9 @@ class GaussianDiffusion:
       respacing stays exact (and works on an instance that went through jit).
 
   Arrays (float32 [T], except timestep_map int32 [T]), named as in the papers:
-    betas, log_betas, alphas_cumprod, alphas_cumprod_prev (1 at t=0), sqrt_alphas_cumprod,
+    betas, log_betas, alphas_cumprod, alphas_cumprod_prev (1 at t=0), sqrt_alphas_cumprod_prev,
+    one_minus_alphas_cumprod_prev, sqrt_one_minus_alphas_cumprod_prev (for DDIM; 1 - ab near
+    t = 0 loses most of its digits if formed in float32), sqrt_alphas_cumprod,
     sqrt_one_minus_alphas_cumprod, log_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod,
     sqrt_recipm1_alphas_cumprod, posterior_variance (beta_t (1 - ab_{t-1}) / (1 - ab_t), 0 at
     t=0), posterior_log_variance_clipped (log posterior variance with the t=0 entry replaced
@@ -167,6 +170,9 @@ class GaussianDiffusion:
   log_betas: Array = dataclasses.field(repr=False)
   alphas_cumprod: Array = dataclasses.field(repr=False)
   alphas_cumprod_prev: Array = dataclasses.field(repr=False)
+  sqrt_alphas_cumprod_prev: Array = dataclasses.field(repr=False)
+  one_minus_alphas_cumprod_prev: Array = dataclasses.field(repr=False)
+  sqrt_one_minus_alphas_cumprod_prev: Array = dataclasses.field(repr=False)
   sqrt_alphas_cumprod: Array = dataclasses.field(repr=False)
   sqrt_one_minus_alphas_cumprod: Array = dataclasses.field(repr=False)
   log_one_minus_alphas_cumprod: Array = dataclasses.field(repr=False)
@@ -264,6 +270,9 @@ class GaussianDiffusion:
         log_betas=f32(np.log(betas)),
         alphas_cumprod=f32(alphas_cumprod),
         alphas_cumprod_prev=f32(alphas_cumprod_prev),
+        sqrt_alphas_cumprod_prev=f32(np.sqrt(alphas_cumprod_prev)),
+        one_minus_alphas_cumprod_prev=f32(1.0 - alphas_cumprod_prev),
+        sqrt_one_minus_alphas_cumprod_prev=f32(np.sqrt(1.0 - alphas_cumprod_prev)),
         sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
         sqrt_one_minus_alphas_cumprod=f32(np.sqrt(one_minus)),
         log_one_minus_alphas_cumprod=f32(np.log(one_minus)),

@@ -132,16 +132,15 @@ def ddim_step(diffusion: GaussianDiffusion, model_output: Array, x_t: Array, t: 
     eps = diffusion.pred_eps_from_output(mean_part, x_t, t)
 
   shape = (-1,) + (1,) * (x_t.ndim - 1)
-  alphas_cumprod_prev = diffusion.alphas_cumprod_prev[t].reshape(shape)
-  x_prev = jnp.sqrt(alphas_cumprod_prev) * pred_x0
+  gather = lambda values: values[t].reshape(shape)
+  x_prev = gather(diffusion.sqrt_alphas_cumprod_prev) * pred_x0
   if isinstance(eta, (int, float)) and eta == 0:
-    x_prev = x_prev + jnp.sqrt(1.0 - alphas_cumprod_prev) * eps
-  else:
-    if noise is None:
-      raise ValueError('ddim_step with eta != 0 needs noise')
-    sigma = eta * jnp.sqrt(diffusion.posterior_variance[t]).reshape(shape)
-    direction = jnp.sqrt(jnp.maximum(1.0 - alphas_cumprod_prev - jnp.square(sigma), 0.0))
-    x_prev = x_prev + direction * eps + _nonzero_mask(t, x_t.ndim) * sigma * noise
+    return x_prev + gather(diffusion.sqrt_one_minus_alphas_cumprod_prev) * eps, pred_x0
+  if noise is None:
+    raise ValueError('ddim_step with eta != 0 needs noise')
+  sigma_sq = jnp.square(eta) * gather(diffusion.posterior_variance)
+  direction = jnp.sqrt(jnp.maximum(gather(diffusion.one_minus_alphas_cumprod_prev) - sigma_sq, 0.0))
+  x_prev = x_prev + direction * eps + _nonzero_mask(t, x_t.ndim) * jnp.sqrt(sigma_sq) * noise
   return x_prev, pred_x0
 
 

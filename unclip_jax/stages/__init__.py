@@ -16,7 +16,7 @@ A stage object provides:
 
 import importlib
 
-STAGES = ('clip',)
+STAGES = ('clip', 'prior')
 
 
 def get_stage(config):

@@ -5,10 +5,10 @@ The contrastive loss is computed over the global batch: inside the jitted step t
 global arrays, so every example is contrasted with every other example on every device.
 """
 
-import json
 import os
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from unclip_jax.data import tokenizers
+from unclip_jax.stages import export
 from unclip_jax.models.clip import CLIP
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -194,7 +195,7 @@ class Stage:
     save_frozen(os.path.join(workdir, 'export'), params, self.config)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
   """The whole value of `x` on this host, also when it is sharded across processes."""
   if jax.process_count() > 1 and not x.is_fully_replicated:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -210,20 +211,13 @@ def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    out.append(np.asarray(_to_host(fn(chunk)))[:batch_size - pad])
+    out.append(np.asarray(to_host(fn(chunk)))[:batch_size - pad])
   return np.concatenate(out).astype(np.float32)
 
 
 def save_frozen(path: str, params, config: ml_collections.ConfigDict):
-  """Writes `params` (orbax) and `config.json` under `path`, replacing an older export."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, 'params'), params, force=True)
-  ckpt.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  """Writes a CLIP's `params` and config under `path`; `load_frozen` reads it back."""
+  export.save_export(path, params, config)
 
 
 class FrozenClip:
@@ -233,31 +227,40 @@ class FrozenClip:
     self.stage = stage
     self.params = params
     self.config = stage.config
-    self.tokenizer = stage.tokenizer
 
-  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Tokens [B, L] → (unit embedding [B, D], token encodings [B, L, width]). Jit-able."""
-    return self.stage.model.apply({'params': self.params}, tokens,
-                                  method=CLIP.encode_text)
+  @property
+  def tokenizer(self):
+    return self.stage.tokenizer
 
-  def encode_image(self, images: jax.Array) -> jax.Array:
+  def encode_text(self, tokens: jax.Array, params=None) -> tuple[jax.Array, jax.Array]:
+    """Tokens [B, L] → (unit embedding [B, D], token encodings [B, L, width]). Jit-able.
+
+    `params` default to the loaded ones; pass them explicitly inside a compiled step.
+    """
+    params = self.params if params is None else params
+    return self.stage.model.apply({'params': params}, tokens, method=CLIP.encode_text)
+
+  def encode_image(self, images: jax.Array, params=None) -> jax.Array:
     """Images [B, H, W, 3] in [-1, 1] → unit embedding [B, D]. Jit-able."""
-    return self.stage.model.apply({'params': self.params}, images,
-                                  method=CLIP.encode_image)
+    params = self.params if params is None else params
+    return self.stage.model.apply({'params': params}, images, method=CLIP.encode_image)
+
+  def token_mask(self, tokens: jax.Array) -> jax.Array:
+    """[B, L] bool: True up to and including the end token (the real caption tokens)."""
+    eot = jnp.argmax(tokens == self.config.model.text.eot_id, axis=-1)
+    return jnp.arange(tokens.shape[-1])[None, :] <= eot[:, None]
 
 
 def load_frozen(path: str) -> FrozenClip:
   """Loads a CLIP saved by `save_frozen` (a CLIP run's `workdir/export`, or the workdir)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'export')):
-    path = os.path.join(path, 'export')
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'no frozen CLIP at {path}: {config_path} is missing (train the '
-                            'CLIP stage first, or convert a checkpoint)')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config, params = export.load_export(path, what='CLIP')
+  return FrozenClip(Stage(config), params)
+
+
+def random_clip(config: ml_collections.ConfigDict, seed: int = 0) -> FrozenClip:
+  """An untrained CLIP of the given config (for compiling and benchmarking later stages)."""
   stage = Stage(config)
-  params = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'))
-  return FrozenClip(stage, params)
+  spec = stage.batch_spec(1)
+  init = jax.jit(lambda rng: nn.unbox(stage.init(
+      rng, {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))['params'])
+  return FrozenClip(stage, init(jax.random.PRNGKey(seed)))
