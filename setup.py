@@ -32,7 +32,7 @@ setup(
         'test': ['pytest>=8', 'ftfy', 'regex'],
         # Converters and parity tests against PyTorch references. open-clip-torch is installed
         # separately with --no-deps (its torchvision requirement would replace this torch).
-        'torch': ['torch>=2.4', 'transformers>=4.45', 'ftfy', 'regex'],
+        'torch': ['torch>=2.4', 'transformers>=4.45', 'diffusers>=0.30', 'ftfy', 'regex'],
     },
     entry_points={
         'console_scripts': [

@@ -15,6 +15,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # for `configs`
 
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.helpers import tiny_clip_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -33,3 +34,13 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def make_tiny_clip_config(data_dir):
   return lambda **kw: tiny_clip_config(data_dir, **kw)
+
+
+@pytest.fixture(scope='session')
+def trained_tiny_clip(data_dir, tmp_path_factory):
+  """The README's CLIP job at a shorter length (32px, 350 steps): (workdir, eval metrics)."""
+  workdir = tmp_path_factory.mktemp('clip_run')
+  metrics = helpers.run_main('configs/clip.py:tiny', workdir, data_dir,
+                     '--config.num_train_steps=350', '--config.optim.warmup_steps=50',
+                     '--config.data.num_train=8000', '--config.checkpoint.every_steps=0')
+  return str(workdir), metrics

@@ -20,6 +20,10 @@ def tiny_clip_config(data_dir: str, **overrides):
   c.checkpoint.async_save = False
   c.eval.num_examples = 64
   c.eval.batch_size = 64
+  return _override(c, overrides)
+
+
+def _override(c, overrides):
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')
@@ -27,3 +31,75 @@ def tiny_clip_config(data_dir: str, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def tiny_prior_config(data_dir: str, clip_workdir=None, **overrides):
+  """configs/prior.py:tiny shrunk for unit tests, on the 16px test CLIP."""
+  from configs import prior  # pylint: disable=g-import-not-at-top
+  c = prior.get_config('tiny')
+  c.clip.workdir = clip_workdir
+  c.data.data_dir = data_dir
+  c.data.resolution = 16
+  c.data.num_train = 256
+  c.data.num_test = 64
+  c.model.update(width=32, depth=2, num_heads=2)
+  c.prior.stats_examples = 128
+  c.sampling.steps = '8'
+  c.batch_size = 16
+  c.num_train_steps = 8
+  c.optim.warmup_steps = 2
+  c.log_every_steps = 4
+  c.checkpoint.every_steps = 4
+  c.checkpoint.async_save = False
+  c.eval.num_examples = 32
+  c.eval.batch_size = 16
+  return _override(c, overrides)
+
+
+def mesh(shape, n):
+  """A (data, fsdp, tensor) mesh over the first n devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return jax.make_mesh(shape, config_lib.MESH_AXES, devices=jax.devices()[:n],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def take_batches(stage, config, n):
+  """n training batches (numpy) restricted to the keys the step consumes."""
+  it = stage.make_iterator('train', config.batch_size, seed=0, shuffle=True, process_index=0,
+                           process_count=1)
+  keys = list(stage.batch_spec(config.batch_size))
+  return [{k: b[k] for k in keys} for b in (next(it) for _ in range(n))]
+
+
+def run_train_steps(stage, config, mesh_, batches):
+  """Creates the sharded state on `mesh_` and runs the compiled step; (state, losses)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  tx = train.make_optimizer(config)
+  with jax.set_mesh(mesh_), nn.logical_axis_rules(train.logical_rules(config)):
+    state, shardings = train.create_train_state(stage, config, mesh_, tx)
+    step = train.compile_train_step(stage, config, mesh_, tx, shardings)
+    constants = train.stage_constants(stage, mesh_)
+    losses = []
+    for b in batches:
+      state, metrics = step(state, train.make_global_batch(b, mesh_), constants)
+      losses.append(float(metrics['loss']))
+  return state, losses
+
+
+def run_main(config: str, workdir, data_dir: str, *overrides: str, timeout: int = 600) -> dict:
+  """Runs `python -m unclip_jax.main` on one CPU device; returns its eval_metrics.json."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3')
+  result = subprocess.run(
+      [sys.executable, '-m', 'unclip_jax.main', f'--config={config}', f'--workdir={workdir}',
+       *overrides], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  with open(os.path.join(workdir, 'eval_metrics.json')) as f:
+    return json.load(f)

@@ -16,29 +16,12 @@ from unclip_jax import config_lib
 from unclip_jax import stages
 from unclip_jax import train
 
-
-def _mesh(shape, n):
-  return jax.make_mesh(shape, config_lib.MESH_AXES, devices=jax.devices()[:n],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+from tests import helpers
 
 
-def _batches(stage, config, n):
-  it = stage.make_iterator('train', config.batch_size, seed=0, shuffle=True, process_index=0,
-                           process_count=1)
-  keys = list(stage.batch_spec(config.batch_size))
-  return [{k: b[k] for k in keys} for b in (next(it) for _ in range(n))]
-
-
-def _run_steps(stage, config, mesh, batches):
-  tx = train.make_optimizer(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(train.logical_rules(config)):
-    state, shardings = train.create_train_state(stage, config, mesh, tx)
-    step = train.compile_train_step(stage, config, mesh, tx, shardings)
-    losses = []
-    for b in batches:
-      state, metrics = step(state, train.make_global_batch(b, mesh), {})
-      losses.append(float(metrics['loss']))
-  return state, losses
+_mesh = helpers.mesh
+_batches = helpers.take_batches
+_run_steps = helpers.run_train_steps
 
 
 def test_sharded_step_matches_single_device(make_tiny_clip_config):

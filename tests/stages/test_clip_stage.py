@@ -1,10 +1,5 @@
 """The CLIP stage: loss over the global batch, metrics, zero-shot prompts, training end to end."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -12,9 +7,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
 from unclip_jax.stages import clip
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _reference_loss(img, txt, scale):
   logits = scale * img @ txt.T
@@ -80,24 +72,16 @@ def test_load_frozen_reports_missing_export(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_clip_learns_zero_shot_attributes(data_dir, tmp_path):
+def test_tiny_clip_learns_zero_shot_attributes(trained_tiny_clip):
   """The README's main job at a shorter length: trains from the command line on one device."""
-  workdir = tmp_path / 'clip'
-  env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3')
-  result = subprocess.run(
-      [sys.executable, '-m', 'unclip_jax.main', '--config=configs/clip.py:tiny',
-       f'--workdir={workdir}', '--config.num_train_steps=350', '--config.optim.warmup_steps=50',
-       '--config.data.num_train=8000', '--config.checkpoint.every_steps=0'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  metrics = json.loads((workdir / 'eval_metrics.json').read_text())
+  workdir, metrics = trained_tiny_clip
   print(metrics)
   # Chance: colour and background 1/8, shape 1/5, size 1/3.
   assert metrics['zero_shot_color_accuracy'] > 0.8
   assert metrics['zero_shot_background_accuracy'] > 0.8
   assert metrics['zero_shot_shape_accuracy'] > 0.6
   assert metrics['image_to_text_recall@5'] > 0.5
-  frozen = clip.load_frozen(str(workdir))
+  frozen = clip.load_frozen(workdir)
   tokens = frozen.tokenizer(['a red circle on a blue background'])
   emb, hidden = frozen.encode_text(tokens)
   assert emb.shape == (1, frozen.config.model.embed_dim) and hidden.shape[:2] == tokens.shape

@@ -1,0 +1,98 @@
+"""The prior stage: loss, guided two-candidate sampling in one compiled call, sharded training,
+and (slow) learning on the frozen tiny CLIP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.stages import clip as clip_stage
+from unclip_jax.stages import prior as prior_stage
+
+from tests import helpers
+
+@pytest.fixture(scope='module')
+def stage(data_dir):
+  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir))
+  return prior_stage.Stage(helpers.tiny_prior_config(data_dir), clip=clip)
+
+
+@pytest.fixture(scope='module')
+def params(stage):
+  spec = stage.batch_spec(2)
+  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.unbox(stage.init(jax.random.PRNGKey(0), batch))['params']
+
+
+def test_loss_is_finite_and_has_metrics(stage, params):
+  (batch,) = helpers.take_batches(stage, stage.config, 1)
+  loss, metrics = jax.jit(stage.loss)(params, batch, jax.random.PRNGKey(1), stage.constants())
+  assert np.isfinite(loss) and float(loss) > 0
+  assert -1 <= float(metrics['cosine_to_image']) <= 1
+
+
+def test_sampling_is_one_compiled_loop_and_keeps_the_best_candidate(stage, params):
+  tokens = stage.tokenizer(['a red circle on a blue background', 'a green star on black'])
+  f = stage.clip_features(stage.clip.params, {'tokens': tokens})
+  args = (params, f['text_emb'], f['token_encodings'], f['token_mask'], jax.random.PRNGKey(0))
+  jaxpr = str(jax.make_jaxpr(stage.sample_fn)(*args))
+  assert jaxpr.count('scan[') + jaxpr.count('while[') == 1   # the whole chain is one loop
+  best, candidates, scores = stage.sample_embeddings(params, tokens, jax.random.PRNGKey(0))
+  k = stage.config.sampling.num_candidates
+  assert best.shape == f["text_emb"].shape
+  assert candidates.shape == (2, k, best.shape[1]) and scores.shape == (2, k)
+  np.testing.assert_allclose(np.linalg.norm(best, axis=-1), 1, rtol=1e-5)
+  np.testing.assert_allclose(scores, np.einsum('bkd,bd->bk', candidates, f['text_emb']),
+                             rtol=1e-5, atol=1e-6)
+  chosen = np.argmax(scores, 1)
+  np.testing.assert_allclose(best, candidates[np.arange(2), chosen], rtol=1e-6)
+  assert np.all(np.sum(best * f['text_emb'], -1) >= scores.max(1) - 1e-6)
+  assert not np.allclose(candidates[:, 0], candidates[:, 1])  # two independent draws
+
+
+def test_sampling_is_reproducible(stage, params):
+  tokens = stage.tokenizer(['a red circle on a blue background'])
+  d = stage.clip.config.model.embed_dim
+  noise = jax.random.normal(jax.random.PRNGKey(5), (stage.config.sampling.num_candidates, d))
+  a = stage.sample_embeddings(params, tokens, jax.random.PRNGKey(1), noise)[1]
+  b = stage.sample_embeddings(params, tokens, jax.random.PRNGKey(1), noise)[1]
+  c = stage.sample_embeddings(params, tokens, jax.random.PRNGKey(2))[1]
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_sharded_prior_training_matches_single_device(stage):
+  config = stage.config.copy_and_resolve_references()
+  batches = helpers.take_batches(stage, config, 2)
+  _, single = helpers.run_train_steps(stage, config, helpers.mesh((1, 1, 1), 1), batches)
+  config.mesh.shape = (2, 2, 2)
+  state, sharded = helpers.run_train_steps(stage, config, helpers.mesh((2, 2, 2), 8), batches)
+  np.testing.assert_allclose(sharded, single, rtol=2e-5)
+  kernel = state.params['transformer']['block_0']['mlp']['fc']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+
+
+def test_mismatched_resolution_is_rejected(data_dir):
+  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir))
+  with pytest.raises(ValueError, match='config.data.resolution'):
+    prior_stage.Stage(helpers.tiny_prior_config(data_dir, **{'data.resolution': 32}), clip=clip)
+
+
+@pytest.mark.slow
+def test_tiny_prior_beats_the_text_embedding_baseline(trained_tiny_clip, data_dir, tmp_path):
+  """configs/prior.py:tiny on the frozen tiny CLIP, from the command line, shortened."""
+  clip_workdir, _ = trained_tiny_clip
+  metrics = helpers.run_main('configs/prior.py:tiny', tmp_path / 'prior', data_dir,
+                     f'--config.clip.workdir={clip_workdir}', '--config.num_train_steps=300',
+                     '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
+                     '--config.eval.num_examples=250')
+  print(metrics)
+  assert metrics['cosine_pred_image'] > metrics['cosine_text_image_baseline'] + 0.01
+  assert metrics['zero_shot_color_accuracy_pred'] > 0.8
+  assert metrics['zero_shot_background_accuracy_pred'] > 0.8
+  stage, params = prior_stage.load_prior(str(tmp_path / 'prior'))
+  best, _, _ = stage.sample_embeddings(params, stage.tokenizer(['a red square on a blue '
+                                                                'background']),
+                                       jax.random.PRNGKey(0))
+  assert best.shape == (1, stage.clip.config.model.embed_dim)
