@@ -56,7 +56,8 @@ def measure_jax(config, steps: int, warmup: int) -> dict:
     return rng.uniform(-1, 1, size=s.shape).astype(s.dtype)
   host_batch = {k: synthetic(s) for k, s in spec.items()}
   if 'tokens' in host_batch:   # an end token in every row, so text pooling is well defined
-    host_batch['tokens'][:, -1] = config.model.text.eot_id
+    clip_config = stage.clip.config if hasattr(stage, 'clip') else config
+    host_batch['tokens'][:, -1] = clip_config.model.text.eot_id
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(train.logical_rules(config)):
     state, shardings = train.create_train_state(stage, config, mesh, tx)
