@@ -68,6 +68,9 @@ def measure_jax(config, steps: int, warmup: int) -> dict:
     compiled = step_fn.lower(state, batch, constants).compile()
     compile_s = time.perf_counter() - t0
     total_flops = train.compiled_flops(compiled)
+    if config.model.get('scan'):
+      # XLA counts a scanned loop's body once: count the unscanned step instead.
+      total_flops = unscanned_flops(stage, config, mesh)
     for _ in range(warmup):
       state, metrics = compiled(state, batch, constants)
     jax.block_until_ready(state)
@@ -91,6 +94,17 @@ def measure_jax(config, steps: int, warmup: int) -> dict:
   if peak:
     result['mfu'] = total_flops / step_s / (peak * len(devices))
   return result
+
+
+def unscanned_flops(stage, config, mesh) -> float:
+  """FLOPs of the same step with `model.scan=False`, from its (global) lowered HLO."""
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  unscanned = config.copy_and_resolve_references()
+  with unscanned.unlocked():
+    unscanned.model.scan = False
+  extra = {'clip': stage.clip} if hasattr(stage, 'clip') else {}
+  lowered = train.lower_train_step(type(stage)(unscanned, **extra), unscanned, mesh)
+  return float((lowered.cost_analysis() or {}).get('flops', 0.0))
 
 
 def measure_transformers_clip(config, steps: int, warmup: int, compile_model: bool) -> dict:

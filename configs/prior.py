@@ -41,7 +41,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.data.worker_count = 0
 
   c.model = ml_collections.ConfigDict(dict(
-      width=128, depth=4, num_heads=4, mlp_ratio=4.0, activation='gelu', remat=False))
+      width=128, depth=4, num_heads=4, mlp_ratio=4.0, activation='gelu', remat=False,
+      scan=False))
 
   c.prior = ml_collections.ConfigDict()
   c.prior.text_drop_prob = 0.1       # classifier-free guidance: caption dropped 10% (paper)
@@ -83,7 +84,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.clip.preset = 'vit_l14'
     c.data.resolution = 224
     c.dtype = 'bfloat16'
-    c.model.update(width=2048, depth=20, num_heads=32, remat=True)
+    c.model.update(width=2048, depth=20, num_heads=32, remat=True, scan=True)
     c.sampling.steps = '25'
     c.sampling.guidance_scale = 4.0
     c.batch_size = 256

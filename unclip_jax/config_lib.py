@@ -23,6 +23,7 @@ DEFAULT_RULES = (
     ('channels', None),
     ('norm', None),
     ('act_embed', None),
+    ('layers', None),
 )
 
 DTYPES = ('float32', 'bfloat16', 'float16')

@@ -55,6 +55,7 @@ class DiffusionPrior(nn.Module):
   normalization: str = 'stats'
   embedding_scale: Optional[float] = None
   remat: bool = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -80,7 +81,8 @@ class DiffusionPrior(nn.Module):
         nn.initializers.normal(0.01), ('length', 'embed')), (self.num_tokens + 4, self.width),
         jnp.float32)
     self.transformer = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.activation,
-                                   causal=True, remat=self.remat, dtype=self.dtype)
+                                   causal=True, remat=self.remat, scan=self.scan,
+                                   dtype=self.dtype)
     self.ln_out = LayerNorm(jnp.float32)
     self.out_proj = dense(d, ('embed', 'proj'), dtype=jnp.float32)
 

@@ -126,21 +126,41 @@ class ResidualBlock(nn.Module):
     return x
 
 
+class _ScannedBlock(ResidualBlock):
+  """ResidualBlock with the (carry, output) signature `nn.scan` needs."""
+
+  def __call__(self, x, mask=None):  # pylint: disable=arguments-renamed
+    return super().__call__(x, mask), None
+
+
 class Transformer(nn.Module):
-  """A stack of `depth` residual blocks (optionally rematerialised to save memory)."""
+  """A stack of `depth` residual blocks.
+
+  `remat` rematerialises each block in the backward pass (less memory); `scan` runs the blocks
+  with `nn.scan` over parameters stacked on a leading `layers` axis, so compile time does not grow
+  with depth (parameters are then `block/...` of shape [depth, ...] instead of `block_i/...`).
+  """
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
   activation: str = 'gelu'
   causal: bool = False
   remat: bool = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     """[B, T, width] → [B, T, width]; `mask` (optional, bool, broadcastable to [B, H, T, T])."""
+    args = (self.num_heads, self.mlp_ratio, self.activation, self.causal)
+    if self.scan:
+      block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast,), length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(*args, dtype=self.dtype, name='block')(x, mask)
+      return x
     block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.activation, self.causal, dtype=self.dtype,
-                name=f'block_{i}')(x, mask)
+      x = block(*args, dtype=self.dtype, name=f'block_{i}')(x, mask)
     return x

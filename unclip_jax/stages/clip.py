@@ -264,3 +264,13 @@ def random_clip(config: ml_collections.ConfigDict, seed: int = 0) -> FrozenClip:
   init = jax.jit(lambda rng: nn.unbox(stage.init(
       rng, {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))['params'])
   return FrozenClip(stage, init(jax.random.PRNGKey(seed)))
+
+
+def abstract_clip(config: ml_collections.ConfigDict) -> FrozenClip:
+  """A CLIP whose params are shapes only (jax.ShapeDtypeStruct): for lowering and compiling
+  later stages' steps without allocating the CLIP."""
+  stage = Stage(config)
+  spec = stage.batch_spec(1)
+  shapes = jax.eval_shape(lambda: nn.unbox(stage.init(
+      jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))['params'])
+  return FrozenClip(stage, shapes)
