@@ -346,6 +346,34 @@ def _progress_hooks(config, writer):
   return hooks
 
 
+def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
+  """[N, H, W, 3] images (uint8, or float in [-1, 1]) → one uint8 grid image, row-major."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+  n, h, w, c = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / columns))
+  grid = np.zeros((rows * h, columns * w, c), np.uint8)
+  for i, image in enumerate(images):
+    r, k = divmod(i, columns)
+    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+  return grid
+
+
+def write_samples(writer, workdir: str, step: int, samples: Optional[dict]):
+  """Writes a stage's {name: images [N, H, W, 3]} to TensorBoard and as PNG grids under
+  `workdir/samples/` (process 0 only)."""
+  if not samples or jax.process_index() != 0:
+    return
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  grids = {name: image_grid(images) for name, images in samples.items()}
+  for name, grid in grids.items():
+    Image.fromarray(grid).save(os.path.join(workdir, 'samples', f'{name}_{step:07d}.png'))
+  writer.write_images(step, {f'samples/{name}': grid[None] for name, grid in grids.items()})
+
+
 def _data_skip_counts() -> dict[str, int]:
   from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   return {f'data/skipped_{k}': v for k, v in input_pipeline.skip_counts().items()}
@@ -435,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
         eval_metrics = stage.evaluate(state.ema_params, workdir)
         writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
       if last or (config.sample_every_steps and step % config.sample_every_steps == 0):
-        stage.sample(state.ema_params, workdir, step)
+        write_samples(writer, workdir, step, stage.sample(state.ema_params, workdir, step))
       stopping = step == stop_at_step or manager.reached_preemption(step)
       if last or stopping or (config.checkpoint.every_steps and
                               step % config.checkpoint.every_steps == 0):

@@ -10,13 +10,13 @@ A stage object provides:
   make_iterator(split, batch_size, seed, shuffle, process_index, process_count)
                                  per-process iterator of numpy batches with get_state/set_state
   evaluate(params, workdir)      {name: float} — host-driven evaluation with compiled pieces
-  sample(params, workdir, step)  writes samples (images) or does nothing
+  sample(params, workdir, step)  {name: images [N, H, W, 3]} for TensorBoard and PNG grids, or None
   export(params, workdir)        saves what later stages load (e.g. frozen CLIP)
 """
 
 import importlib
 
-STAGES = ('clip', 'prior')
+STAGES = ('clip', 'prior', 'decoder')
 
 
 def get_stage(config):

@@ -216,7 +216,7 @@ class Stage:
     rng = jax.random.PRNGKey(self.config.seed + 1)
     n = len(data['tokens'])
     for i in range(0, n, e.batch_size):
-      chunk = {k: _pad_to(data[k][i:i + e.batch_size], e.batch_size) for k in ('tokens', 'image')}
+      chunk = {k: pad_to(data[k][i:i + e.batch_size], e.batch_size) for k in ('tokens', 'image')}
       f = features(self.clip.params, chunk)
       if self._sample_fn is None:
         self._sample_fn = jax.jit(self.sample_fn)
@@ -255,6 +255,6 @@ def _unit(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+def pad_to(x: np.ndarray, n: int) -> np.ndarray:
   pad = n - len(x)
   return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x

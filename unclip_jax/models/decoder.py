@@ -1,0 +1,109 @@
+"""The unCLIP decoder: a GLIDE/ADM U-Net conditioned on a CLIP image embedding and a caption.
+
+Conditioning (Ramesh et al. 2022, §2.1): the CLIP image embedding is projected and added to the
+timestep embedding, and projected into `num_clip_tokens` (4) extra context tokens that join the
+caption's token sequence, which every attention layer attends to (GLIDE's encoder_kv). The caption
+is either the frozen CLIP text tower's hidden states projected (karlo) or the decoder's own text
+transformer over the tokens (GLIDE). For classifier-free guidance, `drop_clip` replaces the CLIP
+embedding with a learned null embedding and `drop_text` removes the caption tokens from attention.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.transformer import LayerNorm, Transformer, dense
+from unclip_jax.models.unet import UNet
+
+Dtype = Any
+
+
+class CaptionTransformer(nn.Module):
+  """GLIDE's caption encoder: token embedding + transformer → states [B, L, width]."""
+  vocab_size: int
+  context_length: int
+  width: int
+  depth: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    x = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32,
+                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             ('vocab', 'embed')))(tokens)
+    pos = self.param('positional_embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(0.01), ('length', 'embed')), (self.context_length, self.width),
+        jnp.float32)
+    x = (x + pos[:tokens.shape[1]]).astype(self.dtype)
+    x = Transformer(self.depth, self.num_heads, dtype=self.dtype)(x, mask[:, None, None, :])
+    return LayerNorm(self.dtype)(x)
+
+
+class UnclipDecoder(nn.Module):
+  """Predicts eps (and the variance interpolation) of a noised image.
+
+  Attributes:
+    unet: UNet attributes (`unclip_jax.models.unet.UNet`), without `context_dim`.
+    clip_dim: CLIP embedding size D.
+    context_width: width of the attention context tokens.
+    num_clip_tokens: context tokens made from the CLIP embedding (4 in the paper).
+    caption_encoder: 'clip' (caption = frozen CLIP hidden states [B, L, W]) or 'transformer'
+      (caption = token ids [B, L]; `caption_transformer` holds its vocab_size, context_length,
+      width, depth, num_heads).
+  """
+  unet: dict
+  clip_dim: int
+  context_width: int
+  num_clip_tokens: int = 4
+  caption_encoder: str = 'clip'
+  caption_transformer: Optional[dict] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_t: jax.Array, t: jax.Array, clip_emb: jax.Array, caption: jax.Array,
+               caption_mask: jax.Array, drop_clip: Optional[jax.Array] = None,
+               drop_text: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+    """
+    Args:
+      x_t: noised images [B, H, W, C].
+      t: timesteps [B].
+      clip_emb: CLIP image embeddings [B, D].
+      caption: [B, L, W] CLIP hidden states ('clip') or [B, L] token ids ('transformer').
+      caption_mask: [B, L] bool, True for real caption tokens.
+      drop_clip, drop_text: [B] bool, classifier-free-guidance drops.
+      train: enables dropout (needs a 'dropout' rng).
+    Returns:
+      [B, H, W, out_channels] float32.
+    """
+    b = x_t.shape[0]
+    null_clip = self.param('null_clip_emb', nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ('proj',)), (self.clip_dim,), jnp.float32)
+    if drop_clip is not None:
+      clip_emb = jnp.where(drop_clip[:, None], null_clip[None], clip_emb)
+    clip_emb = clip_emb.astype(jnp.float32)
+    time_width = self.unet['model_channels'] * 4
+    emb_extra = dense(time_width, ('proj', 'mlp'), dtype=self.dtype, name='clip_to_time')(clip_emb)
+    clip_tokens = dense(self.num_clip_tokens * self.context_width, ('proj', 'mlp'),
+                        dtype=self.dtype, name='clip_to_tokens')(clip_emb)
+    clip_tokens = clip_tokens.reshape(b, self.num_clip_tokens, self.context_width)
+
+    if self.caption_encoder == 'clip':
+      states = dense(self.context_width, ('embed_in', 'embed'), dtype=self.dtype,
+                     name='caption_proj')(caption.astype(self.dtype))
+    elif self.caption_encoder == 'transformer':
+      states = CaptionTransformer(dtype=self.dtype, name='caption_transformer',
+                                  **self.caption_transformer)(caption, caption_mask)
+      states = dense(self.context_width, ('embed', 'mlp'), dtype=self.dtype,
+                     name='caption_proj')(states)
+    else:
+      raise ValueError(f"caption_encoder {self.caption_encoder!r} is not 'clip' or "
+                       "'transformer'")
+    mask = caption_mask if drop_text is None else caption_mask & ~drop_text[:, None]
+    context = jnp.concatenate([clip_tokens.astype(self.dtype), states.astype(self.dtype)], 1)
+    context_mask = jnp.concatenate([jnp.ones((b, self.num_clip_tokens), bool), mask], 1)
+    return UNet(context_dim=self.context_width, dtype=self.dtype, name='unet', **self.unet)(
+        x_t, t, emb_extra=emb_extra, encoder_states=context, encoder_mask=context_mask,
+        train=train)

@@ -1,0 +1,239 @@
+"""The decoder stage: CLIP image embedding (+ caption) → image, with a GLIDE/ADM U-Net.
+
+Training: the frozen CLIP (a constant of the step) embeds each batch image and encodes its
+caption on device; the U-Net learns eps and the variance interpolation (learned-range variance,
+hybrid loss) on the cosine schedule, with the CLIP embedding replaced by a learned null
+embedding `clip_drop_prob` of the time and the caption dropped `text_drop_prob` of the time.
+
+Sampling: one compiled call runs the respaced sampler with classifier-free guidance (the
+conditional and unconditional halves in one batched forward pass). Image variations decode an
+image's own CLIP embedding with different seeds.
+"""
+
+import functools
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unclip_jax.diffusion import gaussian_diffusion
+from unclip_jax.diffusion import samplers
+from unclip_jax.models.decoder import UnclipDecoder
+from unclip_jax.stages import clip as clip_stage
+from unclip_jax.stages import export
+from unclip_jax.stages import prior as prior_stage
+
+
+def build_model(config, clip_config) -> UnclipDecoder:
+  m = config.model
+  caption_transformer = None
+  if m.caption_encoder == 'transformer':
+    caption_transformer = dict(m.caption_transformer,
+                               vocab_size=clip_config.model.text.vocab_size,
+                               context_length=clip_config.model.text.context_length)
+  out_channels = 6 if config.diffusion.var_type == 'learned_range' else 3
+  return UnclipDecoder(unet=dict(m.unet, out_channels=out_channels),
+                       clip_dim=clip_config.model.embed_dim, context_width=m.context_width,
+                       num_clip_tokens=m.num_clip_tokens, caption_encoder=m.caption_encoder,
+                       caption_transformer=caption_transformer,
+                       dtype=clip_stage.DTYPES[config.dtype])
+
+
+def build_diffusion(config) -> gaussian_diffusion.GaussianDiffusion:
+  d = config.diffusion
+  return gaussian_diffusion.diffusion_from_config(d.schedule, d.num_steps, mean_type=d.mean_type,
+                                                  var_type=d.var_type)
+
+
+class Stage:
+  """See `unclip_jax.stages` for the interface."""
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               clip: Optional[clip_stage.FrozenClip] = None):
+    self.config = config
+    self.clip = prior_stage.load_clip(config) if clip is None else clip
+    self.model = build_model(config, self.clip.config)
+    self.diffusion = build_diffusion(config)
+    self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
+    self.learned_variance = config.diffusion.var_type == 'learned_range'
+    self._jitted = {}
+
+  @property
+  def tokenizer(self):
+    return self.clip.tokenizer
+
+  # --- conditioning -----------------------------------------------------------------------------
+
+  def clip_features(self, clip_params, batch):
+    """{'clip_emb' [B, D] (of batch['image'], if present), 'caption', 'caption_mask' [B, L]}."""
+    features = {'caption_mask': self.clip.token_mask(batch['tokens'])}
+    if self.config.model.caption_encoder == 'clip':
+      _, features['caption'] = self.clip.encode_text(batch['tokens'], clip_params)
+    else:
+      features['caption'] = batch['tokens']
+    if 'image' in batch:
+      features['clip_emb'] = self.clip.encode_image(self._clip_view(batch['image']), clip_params)
+    return jax.tree.map(jax.lax.stop_gradient, features)
+
+  def _clip_view(self, images: jax.Array) -> jax.Array:
+    """Images resized to the CLIP's input size (bilinear)."""
+    size = self.clip.config.model.vision.image_size
+    if images.shape[1:3] == (size, size):
+      return images
+    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), 'bilinear')
+
+  # --- training ---------------------------------------------------------------------------------
+
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    r = self.config.data.resolution
+    length = self.clip.config.model.text.context_length
+    return {'image': jax.ShapeDtypeStruct((batch_size, r, r, 3), jnp.float32),
+            'tokens': jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
+
+  def constants(self):
+    return {'clip': self.clip.params}
+
+  def init(self, rng, batch):
+    b = batch['image'].shape[0]
+    f = jax.eval_shape(self.clip_features, self.clip.params, batch)
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    return self.model.init(rng, batch['image'], jnp.zeros((b,), jnp.int32), zeros(f['clip_emb']),
+                           zeros(f['caption']), jnp.ones((b, batch['tokens'].shape[1]), bool))
+
+  def loss(self, params, batch, rng, constants):
+    f = self.clip_features(constants['clip'], batch)
+    x0 = batch['image']
+    b = x0.shape[0]
+    rng_t, rng_noise, rng_clip, rng_text, rng_dropout = jax.random.split(rng, 5)
+    t = self.diffusion.sample_timesteps(rng_t, b)
+    noise = jax.random.normal(rng_noise, x0.shape)
+    x_t = self.diffusion.q_sample(x0, t, noise)
+    d = self.config.decoder
+    drop_clip = jax.random.bernoulli(rng_clip, d.clip_drop_prob, (b,))
+    drop_text = jax.random.bernoulli(rng_text, d.text_drop_prob, (b,))
+    out = self.model.apply({'params': params}, x_t, self.diffusion.model_timesteps(t),
+                           f['clip_emb'], f['caption'], f['caption_mask'], drop_clip, drop_text,
+                           train=True, rngs={'dropout': rng_dropout})
+    losses = self.diffusion.training_losses(out, x0, t, noise)
+    return losses['loss'].mean(), {'mse': losses['mse'].mean(), 'vb': losses['vb'].mean()}
+
+  def make_iterator(self, split, batch_size, *, seed, shuffle, process_index, process_count):
+    from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.make_iterator(
+        self.config.data, split=split, batch_size=batch_size, tokenizer=self.tokenizer,
+        seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count)
+
+  # --- sampling ---------------------------------------------------------------------------------
+
+  def sample_fn(self, params, clip_emb, caption, caption_mask, rng, noise=None):
+    """Images [B, H, W, 3] in [-1, 1] for CLIP embeddings and captions: pure, jit-able.
+
+    With guidance_scale != 1 the conditional and the unconditional (null CLIP embedding, no
+    caption) halves run as one batch of 2B per step.
+    """
+    s = self.config.sampling
+    b = clip_emb.shape[0]
+    r = self.config.data.resolution
+    apply = functools.partial(self.model.apply, {'params': params})
+    if s.guidance_scale == 1.0:
+      model_fn = lambda x, t: apply(x, t, clip_emb, caption, caption_mask)
+    else:
+      twice = lambda a: jnp.concatenate([a, a])
+      drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+      model_fn = samplers.classifier_free_guidance(
+          lambda x2, t2: apply(x2, t2, twice(clip_emb), twice(caption), twice(caption_mask),
+                               drop, drop),
+          s.guidance_scale, learned_variance=self.learned_variance)
+    kwargs = dict(noise=noise, clip_range=1.0)
+    if s.sampler == 'ddim':
+      images = samplers.ddim_sample(self.sampling_diffusion, model_fn, (b, r, r, 3), rng,
+                                    eta=s.eta, **kwargs)
+    elif s.sampler == 'ddpm':
+      images = samplers.ddpm_sample(self.sampling_diffusion, model_fn, (b, r, r, 3), rng,
+                                    **kwargs)
+    else:
+      raise ValueError(f"config.sampling.sampler: {s.sampler!r} is not 'ddpm' or 'ddim'")
+    return jnp.clip(images, -1.0, 1.0)
+
+  def _compiled(self, name, fn):
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(fn)
+    return self._jitted[name]
+
+  def generate(self, params, clip_emb, tokens, rng, noise=None) -> jax.Array:
+    """Images for CLIP image embeddings [B, D] and caption tokens [B, L] (one compiled call)."""
+    f = self._compiled('features', self.clip_features)(self.clip.params, {'tokens': tokens})
+    return self._compiled('sample', self.sample_fn)(params, clip_emb, f['caption'],
+                                                    f['caption_mask'], rng, noise)
+
+  def variations(self, params, image: np.ndarray, num: int, rng,
+                 caption: str = '') -> jax.Array:
+    """`num` images decoded from one image's own CLIP embedding, with different noise.
+
+    Args:
+      image: [H, W, 3] in [-1, 1] at the decoder's resolution.
+      caption: optional caption; '' conditions on the CLIP embedding alone.
+    """
+    batch = {'image': jnp.asarray(image)[None], 'tokens': self.tokenizer([caption])}
+    f = self._compiled('features', self.clip_features)(self.clip.params, batch)
+    repeat = lambda a: jnp.repeat(a, num, axis=0)
+    mask = f['caption_mask'] if caption else jnp.zeros_like(f['caption_mask'])
+    return self._compiled('sample', self.sample_fn)(
+        params, repeat(f['clip_emb']), repeat(f['caption']), repeat(mask), rng)
+
+  # --- evaluation and sample grids --------------------------------------------------------------
+
+  def _held_out(self, n):
+    from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.load_split(self.config.data, 'test', tokenizer=self.tokenizer,
+                                     max_examples=n)
+
+  def _reconstruct(self, params, data, seed):
+    """Decodes each held-out image's CLIP embedding (with its caption), in fixed-size batches."""
+    e = self.config.eval
+    features = self._compiled('features', self.clip_features)
+    out = []
+    n = len(data['image'])
+    for i in range(0, n, e.batch_size):
+      chunk = {k: prior_stage.pad_to(data[k][i:i + e.batch_size], e.batch_size)
+               for k in ('image', 'tokens')}
+      f = features(self.clip.params, chunk)
+      images = self._compiled('sample', self.sample_fn)(
+          params, f['clip_emb'], f['caption'], f['caption_mask'],
+          jax.random.fold_in(jax.random.PRNGKey(seed), i))
+      out.append(np.asarray(clip_stage.to_host(images))[:min(e.batch_size, n - i)])
+    return np.concatenate(out)
+
+  def evaluate(self, params, workdir: Optional[str] = None) -> dict[str, float]:
+    """Held-out images' CLIP embeddings decoded; the samples' background and shape colours read
+    from pixels (`shape_checker`) against the source images' attributes, and the same read of the
+    real images as the ceiling."""
+    del workdir
+    from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
+    data = self._held_out(self.config.eval.num_examples)
+    samples = self._reconstruct(params, data, self.config.seed + 1)
+    labels = {k: data[k] for k in ('color', 'background', 'shape')}
+    metrics = {f'samples_{k}': v for k, v in shape_checker.score(samples, labels).items()}
+    metrics.update({f'real_{k}': v for k, v in shape_checker.score(data['image'],
+                                                                   labels).items()})
+    return metrics
+
+  def sample(self, params, workdir, step):
+    """{'reconstructions': held-out images (top rows) and their decodings (bottom rows)}."""
+    del workdir, step
+    n = self.config.sampling.num_images
+    data = self._held_out(n)
+    samples = self._reconstruct(params, data, self.config.seed + 2)
+    return {'reconstructions': np.concatenate([data['image'][:n], samples[:n]])}
+
+  def export(self, params, workdir: str):
+    export.save_export(os.path.join(workdir, 'export'), params, self.config)
+
+
+def load_decoder(path: str, clip: Optional[clip_stage.FrozenClip] = None):
+  """(Stage, params) of a trained decoder (a decoder run's workdir or its export/)."""
+  config, params = export.load_export(path, what='decoder')
+  return Stage(config, clip=clip), params
