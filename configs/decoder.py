@@ -42,7 +42,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.unet = ml_collections.ConfigDict(dict(
       model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-      attention_resolutions=(8,), num_head_channels=32, dropout=0.0,
+      attention_resolutions=(4,), num_head_channels=32, dropout=0.0,  # factors: 8px at 32px
       use_scale_shift_norm=True, resblock_updown=True, remat=False))
   c.model.context_width = 64          # width of the attention context tokens
   c.model.num_clip_tokens = 4         # CLIP embedding → 4 extra context tokens (paper)
@@ -90,7 +90,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.dtype = 'bfloat16'
     c.model.unet.update(
         model_channels=320 if arg == 'karlo' else 512, channel_mult=(1, 2, 3, 4),
-        num_res_blocks=3, attention_resolutions=(32, 16, 8), num_head_channels=64,
+        num_res_blocks=3, attention_resolutions=(2, 4, 8), num_head_channels=64,  # 32/16/8px
         dropout=0.1, remat=True)
     c.model.context_width = 1536 if arg == 'karlo' else 2048
     c.sampling.guidance_scale = 8.0

@@ -21,6 +21,8 @@ DEFAULT_RULES = (
     ('proj', None),
     ('length', None),
     ('channels', None),
+    ('conv_in', None),
+    ('conv_out', 'fsdp'),
     ('norm', None),
     ('act_embed', None),
     ('layers', None),

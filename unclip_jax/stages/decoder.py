@@ -14,6 +14,7 @@ import functools
 import os
 from typing import Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,11 +32,12 @@ def build_model(config, clip_config) -> UnclipDecoder:
   m = config.model
   caption_transformer = None
   if m.caption_encoder == 'transformer':
-    caption_transformer = dict(m.caption_transformer,
+    caption_transformer = flax.core.FrozenDict(m.caption_transformer,
                                vocab_size=clip_config.model.text.vocab_size,
                                context_length=clip_config.model.text.context_length)
   out_channels = 6 if config.diffusion.var_type == 'learned_range' else 3
-  return UnclipDecoder(unet=dict(m.unet, out_channels=out_channels),
+  unet = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in m.unet.items()}
+  return UnclipDecoder(unet=flax.core.FrozenDict(unet, out_channels=out_channels),
                        clip_dim=clip_config.model.embed_dim, context_width=m.context_width,
                        num_clip_tokens=m.num_clip_tokens, caption_encoder=m.caption_encoder,
                        caption_transformer=caption_transformer,

@@ -1,0 +1,338 @@
+"""The ADM U-Net: shapes, zero initialisation, conditioning paths, sizes, sharding metadata, dtypes,
+remat, and numerical parity with diffusers' UNet2DModel at equivalent configs."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.models.unet import AttentionBlock, ResBlock, UNet
+
+CONTEXT_DIM = 8
+# Decoder-like: three levels (sizes must be multiples of 4), attention at the factor-2 level and
+# in the middle, encoder states.
+DECODER = dict(model_channels=32, out_channels=6, num_res_blocks=1, channel_mult=(1, 1, 2),
+               attention_resolutions=(2,), num_head_channels=32, context_dim=CONTEXT_DIM)
+# One level, attention everywhere: small enough to differentiate quickly.
+TINY = dict(model_channels=32, out_channels=3, num_res_blocks=1, channel_mult=(1,),
+            attention_resolutions=(1,), num_head_channels=32, context_dim=CONTEXT_DIM)
+EMB = 4 * 32
+
+
+# Tiny models: XLA's backend optimisations would cost more compile time than they save.
+_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+def _key(seed=0):
+  # The rbg PRNG compiles much faster than threefry on CPU; the tests only need some init.
+  return jax.random.key(seed, impl='rbg')
+
+
+def _normal(shape, seed, scale=1.0):
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _perturb(params, scale=0.05, seed=0):
+  """params + scale·N(0, 1): moves every zero-initialised layer away from zero."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+
+
+def _random_params(model, *args, **kwargs):
+  """Random parameters of the right shapes without compiling an init (GroupNorm scales ≈ 1)."""
+  shapes = nn.unbox(jax.eval_shape(functools.partial(model.init, **kwargs), _key(), *args))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes['params'])
+  params = _perturb(zeros, scale=0.1)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 1 if path[-1].key == 'scale' else p, params)
+
+
+@pytest.fixture(scope='module')
+def decoder():
+  """(model, boxed initial variables, perturbed params)."""
+  model = UNet(**DECODER)
+  init = _jit(functools.partial(model.init, encoder_states=_normal((1, 5, CONTEXT_DIM), 0)))
+  boxed = init(_key(), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))
+  return model, boxed, _perturb(nn.unbox(boxed)['params'])
+
+
+@functools.partial(_jit, static_argnums=0)
+def _apply(model, params, x, t, emb_extra=None, encoder_states=None, encoder_mask=None):
+  return model.apply({'params': params}, x, t, emb_extra=emb_extra,
+                     encoder_states=encoder_states, encoder_mask=encoder_mask)
+
+
+def _variants():
+  """Six pairs of decoder inputs, each pair changing one thing from the first (batch 12).
+
+  Pairs: base; other (real-valued) timesteps; an emb_extra; a visible encoder token changed;
+  masked-out encoder tokens changed (first sample only); the whole caption masked out.
+  Samples do not interact in the U-Net, so one call (one compilation) serves all the pairs.
+  """
+  x = jnp.tile(_normal((2, 16, 16, 3), 1), (6, 1, 1, 1))
+  base_t = jnp.array([3.0, 700.0])
+  t = jnp.concatenate([base_t, base_t + jnp.array([200.5, -250.0])] + [base_t] * 4)
+  extra = jnp.zeros((12, EMB)).at[4:6].set(_normal((2, EMB), 2))
+  enc = jnp.tile(_normal((2, 5, CONTEXT_DIM), 3), (6, 1, 1))
+  enc = enc.at[6:8, 1].set(_normal((2, CONTEXT_DIM), 4, scale=3.0))
+  enc = enc.at[8, 3:].set(_normal((2, CONTEXT_DIM), 5, scale=10.0))
+  mask = jnp.tile(jnp.array([[True, True, True, False, False], [True] * 5]), (6, 1))
+  mask = mask.at[10:].set(False)
+  return x, t, extra, enc, mask
+
+
+def _differs(a, b, rel=1e-3):
+  """Whether a and b differ by more than `rel` of a's typical size (float32 noise is ~1e-6)."""
+  return float(jnp.mean(jnp.abs(a - b))) > rel * float(jnp.mean(jnp.abs(a)))
+
+
+def test_output_is_float32_and_exactly_zero_at_init(decoder):
+  model, boxed, _ = decoder
+  out = _apply(model, nn.unbox(boxed)['params'], *_variants())
+  assert out.shape == (12, 16, 16, 6) and out.dtype == jnp.float32
+  assert not np.any(np.asarray(out))
+  for out_channels in (3, 6):
+    model = UNet(**{**DECODER, 'context_dim': None, 'attention_resolutions': (),
+                    'out_channels': out_channels})
+    shape = jax.eval_shape(lambda: model.init_with_output(_key(), jnp.zeros((2, 16, 16, 6)),
+                                                          jnp.zeros((2,)))[0])
+    assert shape.shape == (2, 16, 16, out_channels) and shape.dtype == jnp.float32
+
+
+def test_blocks_are_the_identity_at_init(decoder):
+  params = nn.unbox(decoder[1])['params']
+  x, emb = _normal((2, 4, 4, 64), 6), _normal((2, EMB), 7)
+  apply = lambda block, name, *args: _jit(block.apply)({'params': params[name]}, *args)
+  np.testing.assert_array_equal(apply(ResBlock(64), 'mid_res_0', x, emb), x)
+  enc = _normal((2, 5, CONTEXT_DIM), 8)
+  np.testing.assert_array_equal(apply(AttentionBlock(32), 'mid_attn', x, enc), x)
+  # With new channels (128 → 64 here) a block starts as its 1×1 skip convolution.
+  x = _normal((2, 4, 4, 128), 9)
+  skip = params['up_2_res_0']['skip']
+  expected = jnp.einsum('bhwc,cd->bhwd', x, skip['kernel'][0, 0]) + skip['bias']
+  np.testing.assert_allclose(apply(ResBlock(64), 'up_2_res_0', x, emb), expected, atol=1e-5)
+
+
+def test_fully_convolutional(decoder):
+  model, _, params = decoder
+  for size in (32, 24):
+    x = _normal((1, size, size, 3), size)
+    out = _apply(model, params, x, jnp.array([5]), encoder_states=_normal((1, 5, 8), 0))
+    assert out.shape == (1, size, size, 6) and np.all(np.isfinite(out))
+  with pytest.raises(ValueError, match=r'18x18 is not divisible by 4'):
+    model.apply({'params': params}, jnp.zeros((1, 18, 18, 3)), jnp.array([5]),
+                encoder_states=_normal((1, 5, 8), 0))
+
+
+def test_conditioning_paths(decoder):
+  model, _, params = decoder
+  out = _apply(model, params, *_variants())
+  base, timestep, extra, visible, masked, no_caption = (out[i:i + 2] for i in range(0, 12, 2))
+  assert all(_differs(base[i], timestep[i]) for i in range(2))
+  assert all(_differs(base[i], extra[i]) for i in range(2))
+  assert all(_differs(base[i], visible[i]) for i in range(2))
+  np.testing.assert_allclose(masked, base, atol=1e-6)   # masked-out tokens are ignored
+  assert np.all(np.isfinite(no_caption)) and all(_differs(base[i], no_caption[i]) for i in range(2))
+
+
+def test_encoder_states_need_attention_blocks():
+  x, t, enc = jnp.zeros((1, 16, 16, 6)), jnp.zeros((1,)), jnp.zeros((1, 5, CONTEXT_DIM))
+  convolutional = dict(DECODER, attention_resolutions=())
+  with pytest.raises(ValueError, match='attention_resolutions is empty'):
+    jax.eval_shape(functools.partial(UNet(**convolutional).init, encoder_states=enc), _key(), x, t)
+  with pytest.raises(ValueError, match='context_dim=None'):
+    jax.eval_shape(functools.partial(UNet(**{**convolutional, 'context_dim': None}).init,
+                                     encoder_states=enc), _key(), x, t)
+
+
+def _assert_fully_annotated(boxed):
+  """Every parameter has a logical PartitionSpec of its own rank."""
+  is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)
+  flat_specs = jax.tree_util.tree_leaves_with_path(nn.get_partition_spec(boxed), is_leaf=is_spec)
+  flat_params = jax.tree_util.tree_leaves_with_path(nn.unbox(boxed))
+  assert [p for p, _ in flat_specs] == [p for p, _ in flat_params]
+  for (path, spec), (_, param) in zip(flat_specs, flat_params):
+    assert is_spec(spec) and len(spec) == param.ndim, (jax.tree_util.keystr(path), spec,
+                                                       param.shape)
+
+
+def test_every_parameter_has_logical_axes(decoder):
+  boxed = decoder[1]
+  _assert_fully_annotated(boxed)
+  specs = nn.get_partition_spec(boxed)['params']
+  assert tuple(specs['conv_in']['kernel']) == (None, None, 'channels', 'conv_out')
+  assert tuple(specs['conv_out']['kernel']) == (None, None, 'conv_in', 'channels')
+  assert tuple(specs['mid_res_0']['conv_in']['kernel']) == (None, None, 'conv_in', 'conv_out')
+  assert tuple(specs['down_1_attn_0']['qkv']['kernel']) == ('embed', None, 'heads', 'kv')
+  assert tuple(specs['down_1_attn_0']['encoder_kv']['kernel']) == (
+      'embed_in', None, 'heads', 'kv')
+  assert tuple(specs['mid_res_0']['emb_proj']['kernel']) == ('embed', None, 'conv_out')
+  # The convolutional variant (no scale-shift, conv resampling) is fully annotated as well.
+  model = UNet(**{**DECODER, 'context_dim': None, 'attention_resolutions': (),
+                  'use_scale_shift_norm': False, 'resblock_updown': False})
+  _assert_fully_annotated(jax.eval_shape(model.init, _key(), jnp.zeros((1, 16, 16, 6)),
+                                         jnp.zeros((1,))))
+
+
+def test_sharded_init_and_apply_match_unsharded():
+  """Every logical spec is usable: params born sharded over (data, fsdp) give the same output."""
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('conv_out', 'fsdp'),
+           ('heads', 'tensor'), ('mlp', 'tensor'))
+  mesh = jax.make_mesh((2, 4, 1), ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  model = UNet(**TINY, remat=True)
+  x, t, enc = _normal((8, 8, 8, 3), 1), jnp.arange(8) * 100, _normal((8, 5, CONTEXT_DIM), 3)
+  init = functools.partial(model.init, encoder_states=enc)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    specs = nn.get_partition_spec(jax.eval_shape(init, _key(), x, t))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    params = _jit(lambda k: nn.unbox(init(k, x, t)), out_shardings=shardings)(_key())
+    assert params['params']['down_0_res_0']['conv_in']['kernel'].sharding.spec[-1] == 'fsdp'
+    params = _perturb(jax.device_get(params))
+    sharded = _jit(lambda p: model.apply(p, x, t, encoder_states=enc))(
+        jax.device_put(params, shardings))
+  np.testing.assert_allclose(sharded, _apply(model, params['params'], x, t, encoder_states=enc),
+                             atol=1e-5)
+
+
+def test_bfloat16_compute_with_float32_params():
+  x, t, enc = _normal((2, 8, 8, 3), 1), jnp.array([3, 700]), _normal((2, 5, CONTEXT_DIM), 3)
+  params = _random_params(UNet(**TINY), x, t, encoder_states=enc)
+  out = _apply(UNet(**TINY, dtype=jnp.bfloat16), params, x, t, encoder_states=enc)
+  ref = _apply(UNet(**TINY), params, x, t, encoder_states=enc)
+  assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+  assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 5e-2
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_remat_and_dropout_match_the_plain_model():
+  x, t, enc = _normal((2, 8, 8, 3), 1), jnp.array([3, 700]), _normal((2, 5, CONTEXT_DIM), 3)
+  params = _random_params(UNet(**TINY), x, t, encoder_states=enc)
+
+  def loss(remat, p):
+    kw = dict(encoder_states=enc, rngs={'dropout': jax.random.PRNGKey(7)})
+    model = UNet(**TINY, dropout=0.3, remat=remat)
+    out = model.apply({'params': p}, x, t, train=True, **kw)
+    evaluation = model.apply({'params': p}, x, t, **kw)
+    return jnp.mean(out ** 2), (out, evaluation)
+
+  grad = lambda remat: _jit(jax.value_and_grad(functools.partial(loss, remat), has_aux=True))
+  (_, (plain, evaluation)), g_plain = grad(False)(params)
+  (_, (remat, _)), g_remat = grad(True)(params)
+  np.testing.assert_allclose(remat, plain, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert _differs(plain, evaluation)   # dropout is active in training only
+
+
+def test_misuse_raises_clear_errors():
+  x, t, enc = jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,)), jnp.zeros((2, 5, CONTEXT_DIM))
+  shape_of = lambda model, **kw: jax.eval_shape(functools.partial(model.init, **kw), _key(), x, t)
+  with pytest.raises(ValueError, match=r'emb_extra must have shape \[B, E\] = \(2, 128\)'):
+    shape_of(UNet(**DECODER), encoder_states=enc, emb_extra=jnp.zeros((2, 64)))
+  with pytest.raises(ValueError, match='not divisible by num_head_channels 48'):
+    shape_of(UNet(**{**DECODER, 'num_head_channels': 48}), encoder_states=enc)
+  with pytest.raises(ValueError, match='downsampling factors; .16. is not one of'):
+    shape_of(UNet(**{**DECODER, 'attention_resolutions': (16,)}), encoder_states=enc)
+  with pytest.raises(ValueError, match='encoder_states .* are required'):
+    shape_of(UNet(**DECODER))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with diffusers' UNet2DModel, whose blocks match ADM's at these configs.
+
+
+def _diffusers_model(resblock_updown, scale_shift, attention):
+  diffusers = pytest.importorskip('diffusers')
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(0)
+  resample = 'resnet' if resblock_updown else 'conv'
+  down = ('ResnetDownsampleBlock2D' if resblock_updown else 'DownBlock2D',
+          'AttnDownBlock2D' if attention else 'DownBlock2D')
+  up = ('AttnUpBlock2D' if attention else 'UpBlock2D',
+        'ResnetUpsampleBlock2D' if resblock_updown else 'UpBlock2D')
+  return diffusers.UNet2DModel(
+      in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=down, up_block_types=up, downsample_type=resample,
+      upsample_type=resample, attention_head_dim=32, add_attention=attention, norm_eps=1e-5,
+      attn_norm_num_groups=32,  # (its default drops the middle attention's norm with scale-shift)
+      resnet_time_scale_shift='scale_shift' if scale_shift else 'default').eval()
+
+
+def _from_diffusers(state):
+  """diffusers UNet2DModel state dict (2 levels) → our params."""
+  w = {k: v.detach().numpy() for k, v in state.items()}
+  conv = lambda p: {'kernel': w[p + '.weight'].transpose(2, 3, 1, 0), 'bias': w[p + '.bias']}
+  norm = lambda p: {'scale': w[p + '.weight'], 'bias': w[p + '.bias']}
+  linear = lambda p: {'kernel': w[p + '.weight'].T, 'bias': w[p + '.bias']}
+
+  def res(p):
+    out = {'norm_in': norm(p + '.norm1'), 'conv_in': conv(p + '.conv1'),
+           'norm_out': norm(p + '.norm2'), 'conv_out': conv(p + '.conv2'),
+           'emb_proj': linear(p + '.time_emb_proj')}
+    c = out['conv_in']['bias'].shape[0]
+    if out['emb_proj']['bias'].shape[0] == 2 * c:
+      out['emb_proj'] = {'kernel': out['emb_proj']['kernel'].reshape(-1, 2, c),
+                         'bias': out['emb_proj']['bias'].reshape(2, c)}
+    if p + '.conv_shortcut.weight' in w:
+      out['skip'] = conv(p + '.conv_shortcut')
+    return out
+
+  def attn(p, head_dim=32):
+    q, k, v = (linear(f'{p}.to_{n}') for n in 'qkv')
+    c = q['bias'].shape[0]
+    heads = c // head_dim
+    qkv_kernel = np.stack([q['kernel'], k['kernel'], v['kernel']], 1)
+    qkv_bias = np.stack([q['bias'], k['bias'], v['bias']])
+    return {'norm': norm(p + '.group_norm'),
+            'qkv': {'kernel': qkv_kernel.reshape(c, 3, heads, head_dim),
+                    'bias': qkv_bias.reshape(3, heads, head_dim)},
+            'out': {'kernel': w[p + '.to_out.0.weight'].T.reshape(heads, head_dim, c),
+                    'bias': w[p + '.to_out.0.bias']}}
+
+  def resample(p):
+    return {'conv': conv(p + '.conv')} if p + '.conv.weight' in w else res(p)
+
+  params = {'conv_in': conv('conv_in'), 'time_fc1': linear('time_embedding.linear_1'),
+            'time_fc2': linear('time_embedding.linear_2'), 'norm_out': norm('conv_norm_out'),
+            'conv_out': conv('conv_out'), 'mid_res_0': res('mid_block.resnets.0'),
+            'mid_res_1': res('mid_block.resnets.1'),
+            'down_0_downsample': resample('down_blocks.0.downsamplers.0'),
+            'up_1_upsample': resample('up_blocks.0.upsamplers.0')}
+  if 'mid_block.attentions.0.to_q.weight' in w:
+    params['mid_attn'] = attn('mid_block.attentions.0')
+  for level in range(2):
+    params[f'down_{level}_res_0'] = res(f'down_blocks.{level}.resnets.0')
+    for i in range(2):
+      params[f'up_{level}_res_{i}'] = res(f'up_blocks.{1 - level}.resnets.{i}')
+  for key in [k for k in w if k.endswith('to_q.weight') and 'mid_block' not in k]:
+    block, level, _, i = key.split('.')[:4]
+    ours = f'down_{level}_attn_{i}' if block == 'down_blocks' else f'up_{1 - int(level)}_attn_{i}'
+    params[ours] = attn(key[:-len('.to_q.weight')])
+  return jax.tree.map(jnp.asarray, params)
+
+
+@pytest.mark.parametrize('resblock_updown,scale_shift,attention',
+                         [(True, True, True), (False, False, False)])
+def test_matches_diffusers_unet2d(resblock_updown, scale_shift, attention):
+  torch = pytest.importorskip('torch')
+  reference = _diffusers_model(resblock_updown, scale_shift, attention)
+  model = UNet(model_channels=32, out_channels=6, num_res_blocks=1, channel_mult=(1, 2),
+               attention_resolutions=(2,) if attention else (), num_head_channels=32,
+               resblock_updown=resblock_updown, use_scale_shift_norm=scale_shift)
+  x, t = _normal((2, 16, 16, 3), 1), jnp.array([3, 700])
+  params = _from_diffusers(reference.state_dict())
+  expected_tree = jax.eval_shape(model.init, _key(), x, t)['params']
+  assert jax.tree.map(jnp.shape, nn.unbox(expected_tree)) == jax.tree.map(jnp.shape, params)
+  num_params = sum(p.numel() for p in reference.parameters())
+  assert sum(p.size for p in jax.tree.leaves(params)) == num_params
+  with torch.no_grad():
+    want = reference(torch.tensor(np.array(x)).permute(0, 3, 1, 2),
+                     torch.tensor(np.array(t))).sample.permute(0, 2, 3, 1).numpy()
+  got = _apply(model, params, x, t)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)

@@ -1,0 +1,417 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021) with GLIDE's text conditioning (Nichol et al. 2021).
+
+One module serves the unCLIP decoder and its upsamplers (Ramesh et al. 2022):
+
+* the decoder (64×64) attends at some resolutions and, with `context_dim` set, lets each attention
+  block also attend to projected caption token encodings (GLIDE: the encoder's keys/values are
+  concatenated to the image's); the projected CLIP image embedding is added to the timestep
+  embedding through `emb_extra`;
+* the upsamplers use no attention and no text (`attention_resolutions=()`, `context_dim=None`);
+  the caller concatenates the upsampled low-resolution image to the input channels. The network is
+  fully convolutional, so it trains on crops and samples at full size.
+
+Layout: images are NHWC. Parameters are float32; activations are computed in `dtype`; group-norm
+statistics, softmax and the final output are float32. Every parameter carries logical axis names:
+conv kernels `(None, None, 'conv_in', 'conv_out')` and biases `('conv_out',)`, except that the
+image-channel axes (the input conv's input, the output conv's output: 3 or 6 channels, too few to
+shard) are `'channels'`, as in CLIP's patch embedding; the timestep MLP
+`(None, 'mlp')` / `('mlp', 'embed')`, where `embed` is the timestep-embedding width E; each block's
+embedding projection `('embed', [None,] 'conv_out')`; attention `('embed', None, 'heads', 'kv')`
+for qkv, `('embed_in', None, 'heads', 'kv')` for the encoder's keys/values and
+`('heads', 'kv', 'embed')` for the output; norms `('norm',)`.
+
+Parameter names: `conv_in`, `time_fc1`, `time_fc2`, `down_{level}_res_{i}`,
+`down_{level}_attn_{i}`, `down_{level}_downsample`, `mid_res_0`, `mid_attn`, `mid_res_1`,
+`up_{level}_res_{i}`, `up_{level}_attn_{i}`, `up_{level}_upsample`, `norm_out`, `conv_out`.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models.attention import dot_product_attention
+from unclip_jax.models.prior import timestep_embedding
+from unclip_jax.models.transformer import dense
+
+Dtype = Any
+
+CONV_AXES = (None, None, 'conv_in', 'conv_out')
+
+__all__ = ['AttentionBlock', 'Downsample', 'GroupNorm', 'Projection', 'ResBlock', 'UNet',
+           'Upsample', 'timestep_embedding']
+
+
+def _fan_in_uniform(in_axis=-2, out_axis=-1):
+  """U(±1/sqrt(fan_in)), PyTorch's default for convolutions and linear layers (as in ADM)."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+def _boxed(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def conv(features: int, kernel_size: int, *, dtype: Dtype, strides: int = 1,
+         zero_init: bool = False, axes: tuple[Optional[str], ...] = CONV_AXES,
+         name: Optional[str] = None) -> nn.Conv:
+  """A k×k convolution with PyTorch-style symmetric padding (k - 1) // 2 on NHWC inputs.
+
+  Explicit padding keeps stride-2 convolutions aligned like ADM's (`SAME` would pad only at the
+  end). `zero_init` zeroes kernel and bias (ADM's `zero_module`). `axes` name the kernel's
+  [k, k, in, out] axes; the bias takes the last.
+  """
+  pad = (kernel_size - 1) // 2
+  kernel_init = nn.initializers.zeros if zero_init else _fan_in_uniform()
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=_boxed(kernel_init, axes),
+                 bias_init=_boxed(nn.initializers.zeros, axes[-1:]), name=name)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour ×2: [B, H, W, C] → [B, 2H, 2W, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool(x: jax.Array) -> jax.Array:
+  """2×2 average pooling with stride 2: [B, H, W, C] → [B, H/2, W/2, C]."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+  """Keeps [B, H, W, C] activations sharded over the batch when logical rules are active."""
+  return nn.with_logical_constraint(x, ('batch', None, None, 'act_embed'))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm (32 groups in ADM) over the channels of [B, ..., C], float32 statistics.
+
+  Channels are grouped contiguously (channel c in group c // (C / num_groups)), like PyTorch.
+  Output: same shape, in `dtype`.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f'GroupNorm: {c} channels are not divisible by {self.num_groups} groups')
+    scale = self.param('scale', _boxed(nn.initializers.ones, ('norm',)), (c,), jnp.float32)
+    bias = self.param('bias', _boxed(nn.initializers.zeros, ('norm',)), (c,), jnp.float32)
+    g = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)   # spatial axes and channels within a group
+    mean = jnp.mean(g, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+    y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale + bias).astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """A linear map contracting the last `contract` axes of x into `features` (several axes).
+
+  x [..., *in_shape] → [..., *features], in_shape = x.shape[-contract:]; kernel
+  [*in_shape, *features] and bias [*features] keep their full rank, so `axes` (one logical name
+  per kernel axis; the bias takes the last len(features)) shard them as they are stored.
+  (`nn.DenseGeneral` initialises a flattened 2-D kernel, which logical constraints reject.)
+  """
+  features: tuple[int, ...]
+  axes: tuple[Optional[str], ...]
+  contract: int = 1
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.contract:]
+    rank = len(in_shape) + len(self.features)
+    init = nn.initializers.zeros if self.zero_init else _fan_in_uniform(
+        tuple(range(self.contract)), tuple(range(self.contract, rank)))
+    kernel = self.param('kernel', _boxed(init, self.axes), in_shape + tuple(self.features),
+                        jnp.float32)
+    bias = self.param('bias', _boxed(nn.initializers.zeros, self.axes[self.contract:]),
+                      tuple(self.features), jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+    return y + bias.astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+  """ADM residual block conditioned on the timestep embedding.
+
+  h = conv3×3(SiLU(GN(x))), resampled in between when `up`/`down` (BigGAN-style, nearest ×2 or
+  2×2 average pooling, applied to the skip path too); then with `use_scale_shift_norm`
+  h = GN(h)·(1 + scale) + shift, (scale, shift) = Dense(SiLU(emb)), otherwise
+  h = GN(h + Dense(SiLU(emb))); then SiLU → dropout → zero-initialised conv3×3, plus the skip
+  (a 1×1 conv when the channel count changes). At initialisation the block is its skip path.
+
+  Inputs: x [B, H, W, C_in], emb [B, E], train (dropout). Output: [B, H', W', out_channels] in
+  `dtype`, H' = 2H if `up`, H/2 if `down`, else H.
+  """
+  out_channels: int
+  use_scale_shift_norm: bool = True
+  dropout: float = 0.0
+  up: bool = False
+  down: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+    c = self.out_channels
+    x = x.astype(self.dtype)
+    h = nn.silu(GroupNorm(dtype=self.dtype, name='norm_in')(x))
+    if self.up:
+      h, x = upsample_nearest(h), upsample_nearest(x)
+    elif self.down:
+      h, x = avg_pool(h), avg_pool(x)
+    h = conv(c, 3, dtype=self.dtype, name='conv_in')(h)
+
+    emb = nn.silu(emb.astype(jnp.float32)).astype(self.dtype)
+    norm_out = GroupNorm(dtype=self.dtype, name='norm_out')
+    if self.use_scale_shift_norm:
+      scale_shift = Projection((2, c), ('embed', None, 'conv_out'), dtype=self.dtype,
+                               name='emb_proj')(emb)
+      scale, shift = scale_shift[:, None, None, 0], scale_shift[:, None, None, 1]
+      h = norm_out(h) * (1 + scale) + shift
+    else:
+      shift = dense(c, ('embed', 'conv_out'), dtype=self.dtype, name='emb_proj',
+                    kernel_init=_fan_in_uniform())(emb)
+      h = norm_out(h + shift[:, None, None])
+    h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
+    h = conv(c, 3, dtype=self.dtype, zero_init=True, name='conv_out')(h)
+
+    skip = x if x.shape[-1] == c else conv(c, 1, dtype=self.dtype, name='skip')(x)
+    return skip + h
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour ×2 then conv3×3: [B, H, W, C] → [B, 2H, 2W, C] in `dtype`."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(upsample_nearest(x))
+
+
+class Downsample(nn.Module):
+  """Stride-2 conv3×3: [B, H, W, C] → [B, H/2, W/2, C] in `dtype`."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return conv(x.shape[-1], 3, strides=2, dtype=self.dtype, name='conv')(x)
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over the H·W positions, with optional encoder keys/values.
+
+  x + out(attn(qkv(GN(x)))), heads = C / num_head_channels. With `encoder_states` [B, S, C_ctx],
+  each block projects them (`encoder_kv`) to S extra keys/values placed before the image's (GLIDE),
+  so every image position attends jointly to the image and the encoder tokens; `encoder_mask`
+  [B, S] (True = attend) hides encoder tokens (image positions are always attended). The output
+  projection is zero-initialised, so the block starts as the identity.
+
+  Kernels: qkv [C, 3, heads, num_head_channels], encoder_kv [C_ctx, 2, heads, num_head_channels],
+  out [heads, num_head_channels, C]. Output: [B, H, W, C] in `dtype`.
+  """
+  num_head_channels: int = 64
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, encoder_states: Optional[jax.Array] = None,
+               encoder_mask: Optional[jax.Array] = None) -> jax.Array:
+    b, height, width, c = x.shape
+    if c % self.num_head_channels:
+      raise ValueError(f'AttentionBlock: {c} channels are not divisible by num_head_channels '
+                       f'{self.num_head_channels}')
+    heads, d = c // self.num_head_channels, self.num_head_channels
+    x = x.astype(self.dtype)
+    h = GroupNorm(dtype=self.dtype, name='norm')(x).reshape(b, height * width, c)
+    qkv = Projection((3, heads, d), ('embed', None, 'heads', 'kv'), dtype=self.dtype,
+                     name='qkv')(h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    mask = None
+    if encoder_states is not None:
+      ekv = Projection((2, heads, d), ('embed_in', None, 'heads', 'kv'), dtype=self.dtype,
+                       name='encoder_kv')(encoder_states)
+      k = jnp.concatenate([ekv[:, :, 0], k], axis=1)
+      v = jnp.concatenate([ekv[:, :, 1], v], axis=1)
+      if encoder_mask is not None:
+        image_keys = jnp.ones((b, height * width), bool)
+        mask = jnp.concatenate([encoder_mask.astype(bool), image_keys], axis=1)[:, None, None, :]
+    out = dot_product_attention(q, k, v, mask=mask)
+    out = Projection((c,), ('heads', 'kv', 'embed'), contract=2, zero_init=True,
+                     dtype=self.dtype, name='out')(out)
+    return x + out.reshape(b, height, width, c)
+
+
+class UNet(nn.Module):
+  """ADM U-Net: (x_t [B, H, W, C_in], t [B]) → [B, H, W, out_channels] float32.
+
+  Attributes:
+    model_channels: base width; level l has `channel_mult[l] · model_channels` channels and the
+      timestep embedding has E = 4 · model_channels.
+    out_channels: e.g. 3 (ε or x₀), 6 (plus the learned-variance interpolation).
+    num_res_blocks: residual blocks per level on the way down (one more on the way up).
+    attention_resolutions: DOWNSAMPLING FACTORS (not pixel sizes) at which attention follows each
+      residual block, each a power of two up to 2**(len(channel_mult) - 1). A 64px decoder that
+      attends at 32, 16 and 8 pixels uses (2, 4, 8). Factors keep the model size-agnostic. The
+      middle block attends iff this is non-empty; () gives a purely convolutional network.
+    channel_mult: per-level channel multipliers; len(channel_mult) - 1 downsamplings, so H and W
+      must be divisible by 2**(len(channel_mult) - 1).
+    num_head_channels: channels per attention head (heads = channels / num_head_channels).
+    dropout: dropout rate inside the residual blocks (active when `train`).
+    use_scale_shift_norm: condition by GN(h)·(1 + scale) + shift (else by adding to h).
+    resblock_updown: resample with residual blocks (BigGAN) instead of Upsample/Downsample.
+    context_dim: width of `encoder_states`; None for a model without them.
+    remat: rematerialise residual and attention blocks in the backward pass.
+    dtype: compute dtype (parameters stay float32).
+  """
+  model_channels: int
+  out_channels: int
+  num_res_blocks: int
+  attention_resolutions: Sequence[int] = ()
+  channel_mult: Sequence[int] = (1, 2, 4, 8)
+  num_head_channels: int = 64
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = True
+  resblock_updown: bool = True
+  context_dim: Optional[int] = None
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @property
+  def emb_dim(self) -> int:
+    """Width E of the timestep embedding (and of `emb_extra`)."""
+    return 4 * self.model_channels
+
+  @property
+  def size_factor(self) -> int:
+    """H and W must be multiples of this: 2**(len(channel_mult) - 1)."""
+    return 2 ** (len(self.channel_mult) - 1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, emb_extra: Optional[jax.Array] = None,
+               encoder_states: Optional[jax.Array] = None,
+               encoder_mask: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+    """Predicts the diffusion output for noised images.
+
+    Args:
+      x: [B, H, W, C_in] noised images (upsamplers: with the low-res image concatenated).
+      t: [B] (or scalar) timesteps, integer or real.
+      emb_extra: optional [B, E] added to the timestep embedding (E = 4 · model_channels).
+      encoder_states: [B, S, context_dim] token encodings; required iff `context_dim` is set.
+      encoder_mask: optional [B, S] bool, True where an encoder token may be attended.
+      train: enables dropout (needs a 'dropout' rng when dropout > 0).
+
+    Returns:
+      [B, H, W, out_channels] float32.
+    """
+    self._check(x, emb_extra, encoder_states, encoder_mask)
+    emb = self._embed_time(t, x.shape[0])
+    if emb_extra is not None:
+      emb = emb + emb_extra.astype(jnp.float32)
+
+    # ResBlock.__call__(self, x, emb, train): `train` (argument 3, counting self) is static.
+    res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+    attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+    res_kw = dict(use_scale_shift_norm=self.use_scale_shift_norm, dropout=self.dropout,
+                  dtype=self.dtype)
+    attends = set(self.attention_resolutions)
+
+    def attention(h, name):
+      return _constrain(attn(self.num_head_channels, dtype=self.dtype, name=name)(
+          h, encoder_states, encoder_mask))
+
+    def res_block(h, channels, name, **kw):
+      return _constrain(res(channels, name=name, **res_kw, **kw)(h, emb, train))
+
+    h = _constrain(conv(self.model_channels * self.channel_mult[0], 3, dtype=self.dtype,
+                        axes=(None, None, 'channels', 'conv_out'),
+                        name='conv_in')(x.astype(self.dtype)))
+    skips = [h]
+    last = len(self.channel_mult) - 1
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = res_block(h, mult * self.model_channels, f'down_{level}_res_{i}')
+        if 2 ** level in attends:
+          h = attention(h, f'down_{level}_attn_{i}')
+        skips.append(h)
+      if level < last:
+        name = f'down_{level}_downsample'
+        if self.resblock_updown:
+          h = res_block(h, h.shape[-1], name, down=True)
+        else:
+          h = _constrain(Downsample(self.dtype, name=name)(h))
+        skips.append(h)
+
+    h = res_block(h, h.shape[-1], 'mid_res_0')
+    if attends:
+      h = attention(h, 'mid_attn')
+    h = res_block(h, h.shape[-1], 'mid_res_1')
+
+    for level in reversed(range(len(self.channel_mult))):
+      channels = self.channel_mult[level] * self.model_channels
+      for i in range(self.num_res_blocks + 1):
+        h = res_block(jnp.concatenate([h, skips.pop()], axis=-1), channels, f'up_{level}_res_{i}')
+        if 2 ** level in attends:
+          h = attention(h, f'up_{level}_attn_{i}')
+      if level > 0:
+        name = f'up_{level}_upsample'
+        if self.resblock_updown:
+          h = res_block(h, channels, name, up=True)
+        else:
+          h = _constrain(Upsample(self.dtype, name=name)(h))
+
+    h = nn.silu(GroupNorm(dtype=jnp.float32, name='norm_out')(h))
+    return conv(self.out_channels, 3, dtype=jnp.float32, zero_init=True,
+                axes=(None, None, 'conv_in', 'channels'), name='conv_out')(h)
+
+  def _embed_time(self, t: jax.Array, batch: int) -> jax.Array:
+    """t [B] → sinusoidal(model_channels) → Dense(E) → SiLU → Dense(E): [B, E] float32."""
+    t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+    e = timestep_embedding(t, self.model_channels)
+    e = dense(self.emb_dim, (None, 'mlp'), dtype=jnp.float32, name='time_fc1',
+              kernel_init=_fan_in_uniform())(e)
+    return dense(self.emb_dim, ('mlp', 'embed'), dtype=jnp.float32, name='time_fc2',
+                 kernel_init=_fan_in_uniform())(nn.silu(e))
+
+  def _check(self, x, emb_extra, encoder_states, encoder_mask):
+    """Raises ValueError for inputs or attributes this model cannot use."""
+    levels = len(self.channel_mult)
+    factors = [2 ** level for level in range(levels)]
+    bad = [r for r in self.attention_resolutions if r not in factors]
+    if bad:
+      raise ValueError(f'attention_resolutions {tuple(self.attention_resolutions)} are '
+                       f'downsampling factors; {bad} is not one of {factors} '
+                       f'(len(channel_mult) = {levels})')
+    if x.ndim != 4:
+      raise ValueError(f'x must be [B, H, W, C], got shape {x.shape}')
+    height, width = x.shape[1:3]
+    if height % self.size_factor or width % self.size_factor:
+      raise ValueError(f'image size {height}x{width} is not divisible by {self.size_factor} '
+                       f'(2**(len(channel_mult) - 1) for channel_mult {tuple(self.channel_mult)})')
+    b = x.shape[0]
+    if emb_extra is not None and emb_extra.shape != (b, self.emb_dim):
+      raise ValueError(f'emb_extra must have shape [B, E] = {(b, self.emb_dim)} '
+                       f'(E = 4 · model_channels), got {emb_extra.shape}')
+    if self.context_dim is None:
+      if encoder_states is not None or encoder_mask is not None:
+        raise ValueError('encoder_states/encoder_mask given to a UNet with context_dim=None')
+      return
+    if not self.attention_resolutions:
+      raise ValueError(f'context_dim={self.context_dim} needs attention blocks, but '
+                       'attention_resolutions is empty')
+    if encoder_states is None:
+      raise ValueError(f'encoder_states [B, S, {self.context_dim}] are required when context_dim '
+                       'is set (mask them out with encoder_mask for unconditional inputs)')
+    if encoder_states.ndim != 3 or encoder_states.shape[0] != b or (
+        encoder_states.shape[-1] != self.context_dim):
+      raise ValueError(f'encoder_states must be [B, S, context_dim] = [{b}, S, '
+                       f'{self.context_dim}], got {encoder_states.shape}')
+    if encoder_mask is not None and encoder_mask.shape != encoder_states.shape[:2]:
+      raise ValueError(f'encoder_mask must be [B, S] = {encoder_states.shape[:2]}, '
+                       f'got {encoder_mask.shape}')
