@@ -48,7 +48,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.num_clip_tokens = 4         # CLIP embedding → 4 extra context tokens (paper)
   c.model.caption_encoder = 'clip'    # 'clip': frozen CLIP hidden states projected (karlo);
                                       # 'transformer': the decoder's own (GLIDE)
-  c.model.caption_transformer = ml_collections.ConfigDict(dict(width=64, depth=2, num_heads=4))
+  c.model.caption_transformer = ml_collections.ConfigDict(dict(
+      width=64, depth=2, num_heads=4, remat=False, scan=False))
 
   c.decoder = ml_collections.ConfigDict()
   c.decoder.clip_drop_prob = 0.1      # CLIP embedding → learned null embedding (paper: 10%)
@@ -93,6 +94,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
         num_res_blocks=3, attention_resolutions=(2, 4, 8), num_head_channels=64,  # 32/16/8px
         dropout=0.1, remat=True)
     c.model.context_width = 1536 if arg == 'karlo' else 2048
+    if arg == 'paper':  # GLIDE's 1.2B caption transformer (24 x 2048) + the 2.3B U-Net = 3.5B
+      c.model.caption_encoder = 'transformer'
+      c.model.caption_transformer = ml_collections.ConfigDict(dict(
+          width=2048, depth=24, num_heads=32, remat=True, scan=True))
     c.sampling.guidance_scale = 8.0
     c.batch_size = 64 if arg == 'karlo' else 2048
     c.num_train_steps = 800_000

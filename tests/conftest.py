@@ -5,6 +5,10 @@ import os
 os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+# The in-process tests run tiny models: compile time dominates, so compile with less
+# optimisation. (Subprocess end-to-end runs reset XLA_FLAGS and get the default.)
+if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -103,3 +103,27 @@ def run_main(config: str, workdir, data_dir: str, *overrides: str, timeout: int 
   assert result.returncode == 0, result.stderr[-4000:]
   with open(os.path.join(workdir, 'eval_metrics.json')) as f:
     return json.load(f)
+
+
+def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):
+  """configs/decoder.py:tiny shrunk for unit tests, on the 16px test CLIP."""
+  from configs import decoder  # pylint: disable=g-import-not-at-top
+  c = decoder.get_config('tiny')
+  c.clip.workdir = clip_workdir
+  c.data.data_dir = data_dir
+  c.data.resolution = 16
+  c.data.num_train = 256
+  c.data.num_test = 64
+  c.model.unet.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,))
+  c.model.context_width = 32
+  c.sampling.steps = '4'
+  c.sampling.num_images = 4
+  c.batch_size = 8
+  c.num_train_steps = 4
+  c.optim.warmup_steps = 1
+  c.log_every_steps = 2
+  c.checkpoint.every_steps = 0
+  c.checkpoint.async_save = False
+  c.eval.num_examples = 8
+  c.eval.batch_size = 8
+  return _override(c, overrides)

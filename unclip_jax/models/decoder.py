@@ -27,6 +27,8 @@ class CaptionTransformer(nn.Module):
   width: int
   depth: int
   num_heads: int
+  remat: bool = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -38,7 +40,8 @@ class CaptionTransformer(nn.Module):
         nn.initializers.normal(0.01), ('length', 'embed')), (self.context_length, self.width),
         jnp.float32)
     x = (x + pos[:tokens.shape[1]]).astype(self.dtype)
-    x = Transformer(self.depth, self.num_heads, dtype=self.dtype)(x, mask[:, None, None, :])
+    x = Transformer(self.depth, self.num_heads, remat=self.remat, scan=self.scan,
+                    dtype=self.dtype)(x, mask[:, None, None, :])
     return LayerNorm(self.dtype)(x)
 
 

@@ -1,0 +1,98 @@
+"""The decoder stage: hybrid loss, guided sampling in one compiled call, variations, sample
+grids, sharded training, large presets, and (slow) learning on the frozen tiny CLIP."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.stages import clip as clip_stage
+from unclip_jax.stages import decoder as decoder_stage
+
+from tests import helpers
+
+
+@pytest.fixture(scope='module')
+def stage(data_dir):
+  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir))
+  return decoder_stage.Stage(helpers.tiny_decoder_config(data_dir), clip=clip)
+
+
+@pytest.fixture(scope='module')
+def params(stage):
+  spec = stage.batch_spec(2)
+  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}
+  params = nn.unbox(stage.init(jax.random.PRNGKey(0), batch))['params']
+  # Move away from the zero-initialised output so that samples depend on the conditioning.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
+
+
+def test_hybrid_loss(stage, params):
+  (batch,) = helpers.take_batches(stage, stage.config, 1)
+  loss, metrics = jax.jit(stage.loss)(params, batch, jax.random.PRNGKey(1), stage.constants())
+  assert np.isfinite(loss) and float(metrics['vb']) > 0
+  np.testing.assert_allclose(loss, metrics['mse'] + metrics['vb'], rtol=1e-5)
+
+
+def test_sampling_one_loop_reproducible_and_conditioned(stage, params):
+  tokens = stage.tokenizer(['a red circle on a blue background'] * 2)
+  f = stage.clip_features(stage.clip.params, {'tokens': tokens})
+  clip_emb = jax.random.normal(jax.random.PRNGKey(3), (2, stage.clip.config.model.embed_dim))
+  clip_emb = clip_emb / jnp.linalg.norm(clip_emb, axis=-1, keepdims=True)
+  args = (params, clip_emb, f['caption'], f['caption_mask'], jax.random.PRNGKey(0))
+  jaxpr = str(jax.make_jaxpr(stage.sample_fn)(*args))
+  assert jaxpr.count('scan[') + jaxpr.count('while[') == 1
+  noise = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 3))
+  a = stage.generate(params, clip_emb, tokens, jax.random.PRNGKey(0), noise)
+  b = stage.generate(params, clip_emb, tokens, jax.random.PRNGKey(0), noise)
+  assert a.shape == (2, 16, 16, 3) and float(jnp.abs(a).max()) <= 1.0
+  np.testing.assert_array_equal(a, b)
+  swapped = stage.generate(params, clip_emb[::-1], tokens, jax.random.PRNGKey(0), noise)
+  assert np.abs(np.asarray(swapped) - np.asarray(a)).max() > 1e-3
+
+
+def test_variations_and_sample_grid(stage, params):
+  from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  image = input_pipeline.load_split(stage.config.data, 'test', max_examples=1)['image'][0]
+  images = np.asarray(stage.variations(params, image, 3, jax.random.PRNGKey(0)))
+  assert images.shape == (3, 16, 16, 3)
+  assert np.abs(images[0] - images[1]).max() > 1e-3      # different seeds, different images
+  grid = stage.sample(params, None, 0)['reconstructions']
+  assert grid.shape == (2 * stage.config.sampling.num_images, 16, 16, 3)
+
+
+def test_sharded_decoder_training_matches_single_device(stage):
+  config = stage.config.copy_and_resolve_references()
+  batches = helpers.take_batches(stage, config, 2)
+  _, single = helpers.run_train_steps(stage, config, helpers.mesh((1, 1, 1), 1), batches)
+  config.mesh.shape = (8, 1, 1)
+  _, sharded = helpers.run_train_steps(stage, config, helpers.mesh((8, 1, 1), 8), batches)
+  np.testing.assert_allclose(sharded, single, rtol=1e-4)
+  # FSDP: convolution kernels are born split over their output channels.
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  config.mesh.shape = (1, 8, 1)
+  mesh = helpers.mesh((1, 8, 1), 8)
+  state, _ = train.create_train_state(stage, config, mesh, train.make_optimizer(config))
+  kernel = state.params['unet']['down_1_res_0']['conv_in']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'fsdp')
+  assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 8
+
+
+@pytest.mark.parametrize('preset,low,high', [('karlo', 0.85e9, 0.95e9), ('paper', 3.0e9, 4.0e9)])
+def test_large_presets_build(data_dir, preset, low, high):
+  """karlo (~885M) and the paper's decoder (3.5B): parameter counts from shapes alone."""
+  from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+  from configs import decoder as decoder_configs  # pylint: disable=g-import-not-at-top
+  config = decoder_configs.get_config(preset)
+  clip_config = clip_configs.get_config('vit_l14')
+  clip_config.model.text.depth = clip_config.model.vision.depth = 1
+  stage = decoder_stage.Stage(config, clip=clip_stage.abstract_clip(clip_config))
+  spec = stage.batch_spec(1)
+  shapes = jax.eval_shape(lambda: stage.init(
+      jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert low < count < high, count
