@@ -22,8 +22,9 @@ def test_colours_of_real_images(resolution):
   assert scores['color_accuracy'] >= 0.99
 
 
-def test_shapes_of_real_images_at_64px():
-  images, labels = _examples(64)
+@pytest.mark.parametrize('resolution', [32, 64])
+def test_shapes_of_real_images(resolution):
+  images, labels = _examples(resolution)
   assert shape_checker.score(images, labels)['shape_accuracy'] >= 0.97
 
 

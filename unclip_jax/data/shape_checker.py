@@ -1,19 +1,17 @@
 """An independent, pixel-based judge of captioned_shapes images (no learned model).
 
 Given an image, it estimates the background colour (the border's median), the shape's colour (the
-median of the pixels far from the background) and the shape (the fraction of its bounding box the
-shape covers, with anti-aliased edges counted fractionally), each snapped to the nearest entry of
-the dataset's own definitions (`captioned_shapes.COLORS`, the shapes' fill ratios). Used to score
+median of the pixels far from the background) and the shape, from three features of its coverage
+map (anti-aliased edges counted fractionally): the fraction of its bounding box it fills, where its
+mass sits vertically, and how much of the box's corners it covers. Colours snap to the dataset's
+own palette (`captioned_shapes.COLORS`); shapes to the nearest prototype of those features,
+measured on the dataset's own renderer at the image's resolution. Used to score
 generated images against their prompts, and validated on real dataset images.
 """
 
 import numpy as np
 
 from unclip_jax.data import captioned_shapes
-
-# Fraction of its bounding box each shape covers (from the dataset's geometry).
-FILL_RATIOS = {'square': 1.0, 'circle': np.pi / 4, 'cross': 0.64, 'triangle': 0.5,
-               'star': 0.35}
 
 _PALETTE_NAMES = tuple(captioned_shapes.COLORS)
 _PALETTE = np.array([captioned_shapes.COLORS[n] for n in _PALETTE_NAMES], np.float32)
@@ -32,6 +30,29 @@ def nearest_color(rgb: np.ndarray) -> str:
   return _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=-1)))]
 
 
+def _measure(img: np.ndarray):
+  """(background RGB, shape RGB or None, coverage [H, W] or None, width, height) of an image in
+  [0, 255]. Coverage counts anti-aliased edge pixels fractionally; width and height are the
+  shape's sub-pixel extents."""
+  h, w, _ = img.shape
+  ring = max(1, min(h, w) // 16)
+  border = np.concatenate([img[:ring].reshape(-1, 3), img[-ring:].reshape(-1, 3),
+                           img[:, :ring].reshape(-1, 3), img[:, -ring:].reshape(-1, 3)])
+  bg = np.median(border, axis=0)
+  dist = np.linalg.norm(img - bg, axis=-1)
+  core = dist > 80.0     # clearly not background (palette colours are > 100 apart)
+  if core.sum() < 2:
+    return bg, None, None, 0.0, 0.0
+  fg = np.median(img[core], axis=0)
+  contrast = max(float(np.linalg.norm(fg - bg)), 1.0)
+  coverage = np.clip(dist / contrast, 0.0, 1.0)
+  width = float(coverage.max(axis=0).sum())
+  height = float(coverage.max(axis=1).sum())
+  if width * height < 1.0 or not (coverage > 0.5).any():
+    return bg, fg, None, width, height
+  return bg, fg, coverage, width, height
+
+
 def analyze(image: np.ndarray) -> dict:
   """Reads an image's attributes from its pixels.
 
@@ -42,30 +63,59 @@ def analyze(image: np.ndarray) -> dict:
      'fill_ratio': float}.
   """
   img = to_uint8_range(image)
-  h, w, _ = img.shape
-  ring = max(1, min(h, w) // 16)
-  border = np.concatenate([img[:ring].reshape(-1, 3), img[-ring:].reshape(-1, 3),
-                           img[:, :ring].reshape(-1, 3), img[:, -ring:].reshape(-1, 3)])
-  bg = np.median(border, axis=0)
-  dist = np.linalg.norm(img - bg, axis=-1)
-  core = dist > 80.0     # clearly not background (palette colours are > 100 apart)
+  bg, fg, coverage, width, height = _measure(img)
   result = {'background': nearest_color(bg), 'color': None, 'shape': None, 'fill_ratio': 0.0}
-  if core.sum() < 2:
+  if fg is None:
     return result
-  fg = np.median(img[core], axis=0)
   result['color'] = nearest_color(fg)
-  # Coverage per pixel, from how far it moved from the background towards the shape colour.
-  contrast = max(float(np.linalg.norm(fg - bg)), 1.0)
-  coverage = np.clip(dist / contrast, 0.0, 1.0)
-  # Sub-pixel extents of the bounding box: the column (row) profile's coverage, summed.
-  width = float(coverage.max(axis=0).sum())
-  height = float(coverage.max(axis=1).sum())
-  if width * height < 1.0:
+  if coverage is None:
     return result
-  fill = float(coverage.sum() / (width * height))
-  result['fill_ratio'] = fill
-  result['shape'] = min(FILL_RATIOS, key=lambda s: abs(FILL_RATIOS[s] - fill))
+  features = _shape_features(coverage, width, height)
+  result['fill_ratio'] = float(features[0])
+  result['shape'] = _nearest_shape(features, img.shape[0])
   return result
+
+
+def _shape_features(coverage: np.ndarray, width: float, height: float) -> np.ndarray:
+  """(fill ratio, vertical centroid within the box, corner coverage) of a coverage map."""
+  mass = coverage.sum()
+  ys, xs = np.indices(coverage.shape)
+  rows = np.nonzero(coverage.max(axis=1) > 0.5)[0]
+  cols = np.nonzero(coverage.max(axis=0) > 0.5)[0]
+  top, left = rows.min(), cols.min()
+  bottom, right = rows.max(), cols.max()
+  centroid = ((coverage * ys).sum() / mass - top + 0.5) / max(bottom - top + 1, 1)
+  corners = np.mean([coverage[top, left], coverage[top, right], coverage[bottom, left],
+                     coverage[bottom, right]])
+  return np.array([mass / (width * height), centroid, corners])
+
+
+_PROTOTYPES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _prototypes(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and spread of each shape's features over dataset renders at this resolution."""
+  if resolution not in _PROTOTYPES:
+    rng = np.random.default_rng(1234)
+    features = {s: [] for s in captioned_shapes.SHAPES}
+    for _ in range(400):
+      attrs = captioned_shapes.sample_attributes(rng)
+      image = captioned_shapes.render(attrs, resolution, rng)
+      _, _, coverage, width, height = _measure(to_uint8_range(image))
+      if coverage is not None:
+        features[captioned_shapes.SHAPES[attrs['shape']]].append(
+            _shape_features(coverage, width, height))
+    means = np.stack([np.mean(features[s], 0) for s in captioned_shapes.SHAPES])
+    spread = np.std(np.concatenate([np.asarray(v) - m for v, m in
+                                    zip(features.values(), means)]), 0) + 1e-3
+    _PROTOTYPES[resolution] = means, spread
+  return _PROTOTYPES[resolution]
+
+
+def _nearest_shape(features: np.ndarray, resolution: int) -> str:
+  means, spread = _prototypes(resolution)
+  distance = np.linalg.norm((means - features) / spread, axis=1)
+  return captioned_shapes.SHAPES[int(np.argmin(distance))]
 
 
 def score(images: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, float]:
