@@ -28,14 +28,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   resolution = ml_collections.FieldReference(32)
   context_length = ml_collections.FieldReference(24)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'captioned_shapes'
-  c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.resolution = resolution
-  c.data.num_train = 20000
-  c.data.num_test = 1000
-  c.data.seed = 0
-  c.data.worker_count = 0
+  c.data = config_lib.captioned_shapes_data(resolution)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = 'words'

@@ -26,18 +26,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c = config_lib.trainer_defaults()
   c.stage = 'decoder'
 
-  c.clip = ml_collections.ConfigDict()
-  c.clip.workdir = ml_collections.config_dict.placeholder(str)
-  c.clip.preset = 'tiny'
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'captioned_shapes'
-  c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.resolution = 32             # the decoder's output size; CLIP sees it resized
-  c.data.num_train = 20000
-  c.data.num_test = 1000
-  c.data.seed = 0
-  c.data.worker_count = 0
+  c.clip = config_lib.frozen_clip()
+  c.data = config_lib.captioned_shapes_data(32)   # the output size; CLIP sees it resized
 
   c.model = ml_collections.ConfigDict()
   c.model.unet = ml_collections.ConfigDict(dict(

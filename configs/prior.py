@@ -25,20 +25,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c = config_lib.trainer_defaults()
   c.stage = 'prior'
 
-  # The frozen CLIP: a CLIP run directory (or its export/). Without one, an untrained CLIP of
-  # `preset` is used — only for compiling and benchmarking.
-  c.clip = ml_collections.ConfigDict()
-  c.clip.workdir = ml_collections.config_dict.placeholder(str)
-  c.clip.preset = 'tiny'
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'captioned_shapes'
-  c.data.data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.resolution = 32             # must match the CLIP's image size
-  c.data.num_train = 20000
-  c.data.num_test = 1000
-  c.data.seed = 0
-  c.data.worker_count = 0
+  c.clip = config_lib.frozen_clip()
+  c.data = config_lib.captioned_shapes_data(32)   # must match the CLIP's image size
 
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, activation='gelu', remat=False,

@@ -1,24 +1,27 @@
 """Test helpers without side effects (importable from subprocesses)."""
 
 
+def _shrink(c, data_dir: str, *, batch_size: int, steps: int, eval_examples: int):
+  """The settings every unit-test config shares: 16px data (256/64 examples) in `data_dir`,
+  a few steps, synchronous checkpoints."""
+  c.data.update(data_dir=data_dir, resolution=16, num_train=256, num_test=64)
+  c.batch_size = batch_size
+  c.num_train_steps = steps
+  c.optim.warmup_steps = max(1, steps // 4)
+  c.log_every_steps = max(1, steps // 2)
+  c.checkpoint.async_save = False
+  c.eval.num_examples = eval_examples
+  return c
+
+
 def tiny_clip_config(data_dir: str, **overrides):
   """configs/clip.py:tiny shrunk further for unit tests (16px, 1-2 layers, 256 examples)."""
   from configs import clip  # pylint: disable=g-import-not-at-top
-  c = clip.get_config('tiny')
-  c.data.data_dir = data_dir
-  c.data.resolution = 16
-  c.data.num_train = 256
-  c.data.num_test = 64
+  c = _shrink(clip.get_config('tiny'), data_dir, batch_size=16, steps=8, eval_examples=64)
   c.model.embed_dim = 32
   c.model.text.update(width=32, depth=1, num_heads=2)
   c.model.vision.update(width=32, depth=2, num_heads=2)
-  c.batch_size = 16
-  c.num_train_steps = 8
-  c.optim.warmup_steps = 2
-  c.log_every_steps = 4
   c.checkpoint.every_steps = 4
-  c.checkpoint.async_save = False
-  c.eval.num_examples = 64
   c.eval.batch_size = 64
   return _override(c, overrides)
 
@@ -36,22 +39,12 @@ def _override(c, overrides):
 def tiny_prior_config(data_dir: str, clip_workdir=None, **overrides):
   """configs/prior.py:tiny shrunk for unit tests, on the 16px test CLIP."""
   from configs import prior  # pylint: disable=g-import-not-at-top
-  c = prior.get_config('tiny')
+  c = _shrink(prior.get_config('tiny'), data_dir, batch_size=16, steps=8, eval_examples=32)
   c.clip.workdir = clip_workdir
-  c.data.data_dir = data_dir
-  c.data.resolution = 16
-  c.data.num_train = 256
-  c.data.num_test = 64
   c.model.update(width=32, depth=2, num_heads=2)
   c.prior.stats_examples = 128
   c.sampling.steps = '8'
-  c.batch_size = 16
-  c.num_train_steps = 8
-  c.optim.warmup_steps = 2
-  c.log_every_steps = 4
   c.checkpoint.every_steps = 4
-  c.checkpoint.async_save = False
-  c.eval.num_examples = 32
   c.eval.batch_size = 16
   return _override(c, overrides)
 
@@ -108,22 +101,12 @@ def run_main(config: str, workdir, data_dir: str, *overrides: str, timeout: int 
 def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):
   """configs/decoder.py:tiny shrunk for unit tests, on the 16px test CLIP."""
   from configs import decoder  # pylint: disable=g-import-not-at-top
-  c = decoder.get_config('tiny')
+  c = _shrink(decoder.get_config('tiny'), data_dir, batch_size=8, steps=4, eval_examples=8)
   c.clip.workdir = clip_workdir
-  c.data.data_dir = data_dir
-  c.data.resolution = 16
-  c.data.num_train = 256
-  c.data.num_test = 64
   c.model.unet.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,))
   c.model.context_width = 32
   c.sampling.steps = '4'
   c.sampling.num_images = 4
-  c.batch_size = 8
-  c.num_train_steps = 4
-  c.optim.warmup_steps = 1
-  c.log_every_steps = 2
   c.checkpoint.every_steps = 0
-  c.checkpoint.async_save = False
-  c.eval.num_examples = 8
   c.eval.batch_size = 8
   return _override(c, overrides)

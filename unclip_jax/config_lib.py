@@ -74,6 +74,29 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def captioned_shapes_data(resolution=32) -> ml_collections.ConfigDict:
+  """`config.data` for the built-in dataset (`resolution` may be a FieldReference)."""
+  d = ml_collections.ConfigDict()
+  d.name = 'captioned_shapes'
+  d.data_dir = ml_collections.config_dict.placeholder(str)   # default: $UNCLIP_DATA_DIR or ~/.cache
+  d.resolution = resolution
+  d.num_train = 20000
+  d.num_test = 1000
+  d.seed = 0
+  d.worker_count = 0            # grain worker processes; 0 decodes in the main process
+  return d
+
+
+def frozen_clip(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  """`config.clip` of a stage that conditions on a frozen CLIP: a CLIP run directory (or its
+  export/) in `workdir`; without one, an untrained CLIP of `preset` (compiling and benchmarking
+  only)."""
+  c = ml_collections.ConfigDict()
+  c.workdir = ml_collections.config_dict.placeholder(str)
+  c.preset = preset
+  return c
+
+
 def _fail(field: str, message: str):
   raise ConfigError(f'config.{field}: {message}')
 
