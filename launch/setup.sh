@@ -9,8 +9,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   # The CPU build of torch first, so that the extras' torch requirement is already satisfied.
-  .venv/bin/python -m pip install -q 'torch==2.13.0' || .venv/bin/python -m pip install -q torch \
-      --index-url https://download.pytorch.org/whl/cpu
+  .venv/bin/python -m pip install -q 'torch==2.13.0'
   .venv/bin/python -m pip install -q -e '.[test,torch]'
   .venv/bin/python -m pip install -q --no-deps 'open-clip-torch>=2.20'
 else
