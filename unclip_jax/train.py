@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
 from unclip_jax import stages
+from unclip_jax.images import image_grid
 
 PyTree = Any
 
@@ -344,21 +345,6 @@ def _progress_hooks(config, writer):
                                            writer=writer,
                                            every_steps=config.log_every_steps)]
   return hooks
-
-
-def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
-  """[N, H, W, 3] images (uint8, or float in [-1, 1]) → one uint8 grid image, row-major."""
-  images = np.asarray(images)
-  if images.dtype != np.uint8:
-    images = np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
-  n, h, w, c = images.shape
-  columns = columns or int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / columns))
-  grid = np.zeros((rows * h, columns * w, c), np.uint8)
-  for i, image in enumerate(images):
-    r, k = divmod(i, columns)
-    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
-  return grid
 
 
 def write_samples(writer, workdir: str, step: int, samples: Optional[dict]):

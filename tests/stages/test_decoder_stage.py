@@ -62,7 +62,8 @@ def test_variations_and_sample_grid(stage, params):
   assert images.shape == (3, 16, 16, 3)
   assert np.abs(images[0] - images[1]).max() > 1e-3      # different seeds, different images
   grid = stage.sample(params, None, 0)['reconstructions']
-  assert grid.shape == (2 * stage.config.sampling.num_images, 16, 16, 3)
+  assert grid.shape == (1, 2 * 16, stage.config.sampling.num_images * 16, 3)
+  assert grid.dtype == np.uint8
 
 
 def test_sharded_decoder_training_matches_single_device(stage):

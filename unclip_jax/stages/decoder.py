@@ -22,6 +22,7 @@ import numpy as np
 
 from unclip_jax.diffusion import gaussian_diffusion
 from unclip_jax.diffusion import samplers
+from unclip_jax.images import image_grid
 from unclip_jax.models.decoder import UnclipDecoder
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import export
@@ -224,12 +225,13 @@ class Stage:
     return metrics
 
   def sample(self, params, workdir, step):
-    """{'reconstructions': held-out images (top rows) and their decodings (bottom rows)}."""
+    """{'reconstructions': one grid, held-out images in the top row, their decodings below}."""
     del workdir, step
     n = self.config.sampling.num_images
     data = self._held_out(n)
     samples = self._reconstruct(params, data, self.config.seed + 2)
-    return {'reconstructions': np.concatenate([data['image'][:n], samples[:n]])}
+    pairs = np.concatenate([data['image'][:n], samples[:n]])
+    return {'reconstructions': image_grid(pairs, columns=n)[None]}
 
   def export(self, params, workdir: str):
     export.save_export(os.path.join(workdir, 'export'), params, self.config)
