@@ -1,12 +1,12 @@
 """The decoder stage: hybrid loss, guided sampling in one compiled call, variations, sample
 grids, sharded training, large presets, and (slow) learning on the frozen tiny CLIP."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unclip_jax import stages
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import decoder as decoder_stage
 
@@ -21,9 +21,7 @@ def stage(data_dir):
 
 @pytest.fixture(scope='module')
 def params(stage):
-  spec = stage.batch_spec(2)
-  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}
-  params = nn.unbox(stage.init(jax.random.PRNGKey(0), batch))['params']
+  params = stages.init_params(stage, jax.random.PRNGKey(0), batch_size=2)
   # Move away from the zero-initialised output so that samples depend on the conditioning.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unclip_jax import stages
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import prior as prior_stage
 
@@ -19,10 +20,7 @@ def stage(data_dir):
 
 @pytest.fixture(scope='module')
 def params(stage):
-  spec = stage.batch_spec(2)
-  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return nn.unbox(stage.init(jax.random.PRNGKey(0), batch))['params']
+  return stages.init_params(stage, jax.random.PRNGKey(0), batch_size=2)
 
 
 def test_loss_is_finite_and_has_metrics(stage, params):

@@ -25,3 +25,14 @@ def get_stage(config):
     raise ValueError(f'config.stage: unknown stage {config.stage!r}; known: {STAGES}')
   module = importlib.import_module(f'unclip_jax.stages.{config.stage}')
   return module.Stage(config)
+
+
+def init_params(stage, rng, batch_size: int = 1):
+  """The stage's freshly initialised params (unboxed), from a zero batch of its batch_spec.
+
+  Works under `jax.eval_shape` too (shapes only, nothing allocated).
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in stage.batch_spec(batch_size).items()}
+  return nn.unbox(stage.init(rng, batch))['params']

@@ -8,7 +8,6 @@ global arrays, so every example is contrasted with every other example on every 
 import os
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -259,18 +258,15 @@ def load_frozen(path: str) -> FrozenClip:
 
 def random_clip(config: ml_collections.ConfigDict, seed: int = 0) -> FrozenClip:
   """An untrained CLIP of the given config (for compiling and benchmarking later stages)."""
+  from unclip_jax import stages  # pylint: disable=g-import-not-at-top
   stage = Stage(config)
-  spec = stage.batch_spec(1)
-  init = jax.jit(lambda rng: nn.unbox(stage.init(
-      rng, {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))['params'])
-  return FrozenClip(stage, init(jax.random.PRNGKey(seed)))
+  params = jax.jit(lambda rng: stages.init_params(stage, rng))(jax.random.PRNGKey(seed))
+  return FrozenClip(stage, params)
 
 
 def abstract_clip(config: ml_collections.ConfigDict) -> FrozenClip:
   """A CLIP whose params are shapes only (jax.ShapeDtypeStruct): for lowering and compiling
   later stages' steps without allocating the CLIP."""
+  from unclip_jax import stages  # pylint: disable=g-import-not-at-top
   stage = Stage(config)
-  spec = stage.batch_spec(1)
-  shapes = jax.eval_shape(lambda: nn.unbox(stage.init(
-      jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))['params'])
-  return FrozenClip(stage, shapes)
+  return FrozenClip(stage, jax.eval_shape(lambda: stages.init_params(stage, jax.random.PRNGKey(0))))
