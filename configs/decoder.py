@@ -36,6 +36,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       use_scale_shift_norm=True, resblock_updown=True, remat=False))
   c.model.context_width = 64          # width of the attention context tokens
   c.model.num_clip_tokens = 4         # CLIP embedding → 4 extra context tokens (paper)
+  c.model.clip_emb_scale = ml_collections.config_dict.placeholder(float)  # None: sqrt(D)
   c.model.caption_encoder = 'clip'    # 'clip': frozen CLIP hidden states projected (karlo);
                                       # 'transformer': the decoder's own (GLIDE)
   c.model.caption_transformer = ml_collections.ConfigDict(dict(

@@ -56,6 +56,10 @@ class UnclipDecoder(nn.Module):
     caption_encoder: 'clip' (caption = frozen CLIP hidden states [B, L, W]) or 'transformer'
       (caption = token ids [B, L]; `caption_transformer` holds its vocab_size, context_length,
       width, depth, num_heads).
+    clip_emb_scale: multiplies the CLIP embedding before its projections. None means sqrt(D):
+      a unit-norm embedding then has components of unit variance, on the scale of the timestep
+      embedding it is added to (with 1.0 a unit embedding's signal starts ~sqrt(D) times weaker
+      and the decoder is slow to learn to use it). Use 1.0 for embeddings that are not unit-norm.
   """
   unet: dict
   clip_dim: int
@@ -63,6 +67,7 @@ class UnclipDecoder(nn.Module):
   num_clip_tokens: int = 4
   caption_encoder: str = 'clip'
   caption_transformer: Optional[dict] = None
+  clip_emb_scale: Optional[float] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -86,7 +91,8 @@ class UnclipDecoder(nn.Module):
         nn.initializers.normal(0.02), ('proj',)), (self.clip_dim,), jnp.float32)
     if drop_clip is not None:
       clip_emb = jnp.where(drop_clip[:, None], null_clip[None], clip_emb)
-    clip_emb = clip_emb.astype(jnp.float32)
+    scale = self.clip_dim ** 0.5 if self.clip_emb_scale is None else self.clip_emb_scale
+    clip_emb = clip_emb.astype(jnp.float32) * scale
     time_width = self.unet['model_channels'] * 4
     emb_extra = dense(time_width, ('proj', 'mlp'), dtype=self.dtype, name='clip_to_time')(clip_emb)
     clip_tokens = dense(self.num_clip_tokens * self.context_width, ('proj', 'mlp'),

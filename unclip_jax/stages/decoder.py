@@ -42,6 +42,7 @@ def build_model(config, clip_config) -> UnclipDecoder:
                        clip_dim=clip_config.model.embed_dim, context_width=m.context_width,
                        num_clip_tokens=m.num_clip_tokens, caption_encoder=m.caption_encoder,
                        caption_transformer=caption_transformer,
+                       clip_emb_scale=m.get('clip_emb_scale'),
                        dtype=clip_stage.DTYPES[config.dtype])
 
 
