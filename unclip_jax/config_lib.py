@@ -84,6 +84,9 @@ def captioned_shapes_data(resolution=32) -> ml_collections.ConfigDict:
   d.num_test = 1000
   d.seed = 0
   d.worker_count = 0            # grain worker processes; 0 decodes in the main process
+  # Precomputed CLIP embeddings (`python -m unclip_jax.data.embeddings`) for the prior and
+  # decoder: the step then skips the CLIP image tower.
+  d.embeddings_dir = ml_collections.config_dict.placeholder(str)
   return d
 
 

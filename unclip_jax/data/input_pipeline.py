@@ -13,6 +13,9 @@ Batches are dicts of numpy arrays::
   tokens    int32   [B, L]       tokenizer(captions)
   shape, color, background, size, position, id   int32 [B]
   caption   str     [B]          (non-numeric; dropped before sharding)
+
+With ``data_config.embeddings_dir`` (see ``unclip_jax.data.embeddings``) batches also carry
+``clip_image_emb`` and ``clip_text_emb`` float32 [B, D], looked up by ``id``.
 """
 
 from __future__ import annotations
@@ -210,12 +213,11 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
     # Grain's worker processes read absl flags; outside absl.app they are
     # unparsed, which would crash the workers. Use the defaults.
     flags.FLAGS.mark_as_parsed()
-  loader = grain.DataLoader(
-      data_source=data_source, sampler=sampler,
-      operations=[DecodeExample(data_config.resolution), DropNone(),
-                  grain.transforms.Batch(batch_size, drop_remainder=True),
-                  Tokenize(tokenizer)],
-      worker_count=worker_count)
+  operations = [DecodeExample(data_config.resolution), DropNone(),
+                grain.transforms.Batch(batch_size, drop_remainder=True), Tokenize(tokenizer)]
+  operations += _embedding_ops(data_config, split)
+  loader = grain.DataLoader(data_source=data_source, sampler=sampler, operations=operations,
+                            worker_count=worker_count)
   return iter(loader)
 
 
@@ -241,4 +243,16 @@ def load_split(data_config: ml_collections.ConfigDict, split: str,
   out = {k: np.stack([ex[k] for ex in examples]) for k in keys}
   if tokenizer is not None:
     out = Tokenize(tokenizer).map(out)
+  for op in _embedding_ops(data_config, split):
+    out = op.map(out)
   return out
+
+
+def _embedding_ops(data_config: ml_collections.ConfigDict, split: str) -> list:
+  """[AttachEmbeddings] when ``data_config.embeddings_dir`` is set, else []."""
+  if not data_config.get('embeddings_dir'):
+    return []
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  embeddings.check(data_config.embeddings_dir, data_config)
+  return [embeddings.AttachEmbeddings(
+      embeddings.EmbeddingTable(data_config.embeddings_dir, split))]

@@ -19,12 +19,12 @@ import importlib
 STAGES = ('clip', 'prior', 'decoder')
 
 
-def get_stage(config):
-  """Builds the stage named by `config.stage`."""
+def get_stage(config, **kwargs):
+  """Builds the stage named by `config.stage` (`kwargs` go to its constructor, e.g. `clip=`)."""
   if config.stage not in STAGES:
     raise ValueError(f'config.stage: unknown stage {config.stage!r}; known: {STAGES}')
   module = importlib.import_module(f'unclip_jax.stages.{config.stage}')
-  return module.Stage(config)
+  return module.Stage(config, **kwargs)
 
 
 def init_params(stage, rng, batch_size: int = 1):

@@ -240,8 +240,15 @@ class FrozenClip:
     return self.stage.model.apply({'params': params}, tokens, method=CLIP.encode_text)
 
   def encode_image(self, images: jax.Array, params=None) -> jax.Array:
-    """Images [B, H, W, 3] in [-1, 1] → unit embedding [B, D]. Jit-able."""
+    """Images [B, H, W, 3] in [-1, 1] → unit embedding [B, D]. Jit-able.
+
+    Images of another size are resized (bilinear) to the CLIP's input size first.
+    """
     params = self.params if params is None else params
+    size = self.config.model.vision.image_size
+    if images.shape[1:3] != (size, size):
+      images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
+                                'bilinear')
     return self.stage.model.apply({'params': params}, images, method=CLIP.encode_image)
 
   def token_mask(self, tokens: jax.Array) -> jax.Array:

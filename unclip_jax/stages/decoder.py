@@ -63,6 +63,10 @@ class Stage:
     self.diffusion = build_diffusion(config)
     self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
     self.learned_variance = config.diffusion.var_type == 'learned_range'
+    self.precomputed = bool(config.data.get('embeddings_dir'))
+    if self.precomputed:
+      from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+      embeddings.check(config.data.embeddings_dir, config.data, self.clip)
     self._jitted = {}
 
   @property
@@ -72,30 +76,33 @@ class Stage:
   # --- conditioning -----------------------------------------------------------------------------
 
   def clip_features(self, clip_params, batch):
-    """{'clip_emb' [B, D] (of batch['image'], if present), 'caption', 'caption_mask' [B, L]}."""
+    """{'clip_emb' [B, D], 'caption', 'caption_mask' [B, L]}.
+
+    'clip_emb' is the batch's precomputed 'clip_image_emb' if it has one, else the embedding of
+    batch['image'] (absent if neither is).
+    """
     features = {'caption_mask': self.clip.token_mask(batch['tokens'])}
     if self.config.model.caption_encoder == 'clip':
       _, features['caption'] = self.clip.encode_text(batch['tokens'], clip_params)
     else:
       features['caption'] = batch['tokens']
-    if 'image' in batch:
-      features['clip_emb'] = self.clip.encode_image(self._clip_view(batch['image']), clip_params)
+    if 'clip_image_emb' in batch:
+      features['clip_emb'] = batch['clip_image_emb']
+    elif 'image' in batch:
+      features['clip_emb'] = self.clip.encode_image(batch['image'], clip_params)
     return jax.tree.map(jax.lax.stop_gradient, features)
-
-  def _clip_view(self, images: jax.Array) -> jax.Array:
-    """Images resized to the CLIP's input size (bilinear)."""
-    size = self.clip.config.model.vision.image_size
-    if images.shape[1:3] == (size, size):
-      return images
-    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), 'bilinear')
 
   # --- training ---------------------------------------------------------------------------------
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     r = self.config.data.resolution
     length = self.clip.config.model.text.context_length
-    return {'image': jax.ShapeDtypeStruct((batch_size, r, r, 3), jnp.float32),
+    spec = {'image': jax.ShapeDtypeStruct((batch_size, r, r, 3), jnp.float32),
             'tokens': jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
+    if self.precomputed:
+      spec['clip_image_emb'] = jax.ShapeDtypeStruct(
+          (batch_size, self.clip.config.model.embed_dim), jnp.float32)
+    return spec
 
   def constants(self):
     return {'clip': self.clip.params}

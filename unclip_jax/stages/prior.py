@@ -79,6 +79,10 @@ class Stage:
     self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
     self._stats = None
     self._sample_fn = None
+    self.precomputed = bool(config.data.get('embeddings_dir'))
+    if self.precomputed:
+      from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+      embeddings.check(config.data.embeddings_dir, config.data, self.clip)
 
   @property
   def tokenizer(self):
@@ -87,22 +91,36 @@ class Stage:
   # --- training ---------------------------------------------------------------------------------
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    return self.clip.stage.batch_spec(batch_size)
+    """Images and tokens; with precomputed embeddings, tokens and `clip_image_emb` [B, D]."""
+    spec = dict(self.clip.stage.batch_spec(batch_size))
+    if self.precomputed:
+      del spec['image']
+      spec['clip_image_emb'] = jax.ShapeDtypeStruct(
+          (batch_size, self.clip.config.model.embed_dim), jnp.float32)
+    return spec
 
   def constants(self):
     return {'clip': self.clip.params}
 
   def clip_features(self, clip_params, batch):
-    """CLIP text embedding [B, D], token encodings [B, L, W], token mask [B, L], image embedding."""
+    """CLIP text embedding [B, D], token encodings [B, L, W], token mask [B, L], image embedding
+    (the batch's precomputed 'clip_image_emb', else computed from its 'image', if any)."""
     text_emb, tokens = self.clip.encode_text(batch['tokens'], clip_params)
     features = {'text_emb': text_emb, 'token_encodings': tokens,
                 'token_mask': self.clip.token_mask(batch['tokens'])}
-    if 'image' in batch:
+    if 'clip_image_emb' in batch:
+      features['image_emb'] = batch['clip_image_emb']
+    elif 'image' in batch:
       features['image_emb'] = self.clip.encode_image(batch['image'], clip_params)
     return jax.tree.map(jax.lax.stop_gradient, features)
 
   def embedding_stats(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std of the frozen CLIP's training image embeddings."""
+    if self._stats is None and self.precomputed:
+      from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+      table = embeddings.EmbeddingTable(self.config.data.embeddings_dir, 'train')
+      mean, std = table.mean_std(self.config.prior.stats_examples)
+      self._stats = mean, std + 1e-6
     if self._stats is None:
       from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
       p = self.config.prior

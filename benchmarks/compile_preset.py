@@ -1,0 +1,86 @@
+r"""Builds and compiles a (large) preset's sharded train step from shapes alone; prints JSON.
+
+  python benchmarks/compile_preset.py --config=configs/decoder.py:karlo --devices=8
+  python benchmarks/compile_preset.py --config=configs/decoder.py:paper --devices=8 \
+      --config.mesh.shape='(1,-1,1)' --config.batch_size=8
+
+Nothing is allocated: the train state, batch and stage constants (a frozen CLIP's params) are
+abstract arrays with their shardings, so presets far larger than the host's memory compile on a
+CPU. With `--devices=N` the CPU is split into N simulated devices (so that FSDP/tensor-parallel
+meshes can be checked without accelerators). The frozen CLIP of stages that use one is built
+from its preset's shapes with `--clip_depth` layers per tower (its depth does not change the
+stage's own program, only the compile time).
+
+Reports parameters, lowering and compile seconds, FLOPs per step (XLA's cost analysis) and
+XLA's per-device memory estimate (arguments, outputs, temporaries).
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Stage config, e.g. configs/decoder.py:karlo.',
+                                lock_config=False)
+flags.DEFINE_integer('devices', 0, 'Simulated CPU devices (0: the platform\'s own devices).')
+flags.DEFINE_integer('clip_depth', 1, 'Layers per frozen-CLIP tower (stages with a CLIP).')
+flags.mark_flags_as_required(['config'])
+
+
+def compile_preset(config, clip_depth: int = 1) -> dict:
+  """Lowers and compiles `config`'s train step on abstract inputs; returns the measurements."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib, stages, train  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  kwargs = {}
+  if 'clip' in config and config.stage != 'clip':
+    from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+    clip_config = clip_configs.get_config(config.clip.preset)
+    clip_config.model.text.depth = clip_config.model.vision.depth = clip_depth
+    kwargs['clip'] = clip_stage.abstract_clip(clip_config)
+  stage = stages.get_stage(config, **kwargs)
+  mesh = train.make_mesh(config)
+  t0 = time.perf_counter()
+  lowered = train.lower_train_step(stage, config, mesh)
+  lower_s = time.perf_counter() - t0
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0 - lower_s
+  state_shapes = lowered.in_info[0][0]     # (args, kwargs) → args[0]: the TrainState
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shapes.params))
+  result = {'stage': config.stage, 'batch_size': config.batch_size, 'dtype': config.dtype,
+            'mesh_shape': [int(n) for n in mesh.devices.shape], 'num_devices': jax.device_count(),
+            'device_kind': jax.devices()[0].device_kind, 'params': n_params,
+            'lower_s': round(lower_s, 2), 'compile_s': round(compile_s, 2),
+            'flops_per_step': train.compiled_flops(compiled)}
+  try:
+    memory = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    memory = None
+  if memory is not None:
+    result['memory_per_device_gib'] = {
+        k: round(getattr(memory, f'{k}_size_in_bytes') / 2**30, 3)
+        for k in ('argument', 'output', 'temp', 'generated_code')}
+  return result
+
+
+def main(argv):
+  del argv
+  if FLAGS.devices:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
+    jax.config.update('jax_platforms', 'cpu')
+  print(json.dumps(compile_preset(FLAGS.config, FLAGS.clip_depth), indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)
