@@ -95,3 +95,27 @@ def test_large_presets_build(data_dir, preset, low, high):
       jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert low < count < high, count
+
+
+@pytest.mark.slow
+def test_tiny_decoder_reproduces_colours(trained_tiny_clip, data_dir, tmp_path):
+  """configs/decoder.py:tiny on the frozen tiny CLIP, from the command line, shortened: samples
+  decoded from held-out images' CLIP embeddings have those images' background and shape colours
+  (read from pixels; chance is 1/8)."""
+  clip_workdir, _ = trained_tiny_clip
+  metrics = helpers.run_main('configs/decoder.py:tiny', tmp_path / 'decoder', data_dir,
+                             f'--config.clip.workdir={clip_workdir}', *SLOW_DECODER_OVERRIDES)
+  print(metrics)
+  assert metrics['real_background_accuracy'] > 0.95 and metrics['real_color_accuracy'] > 0.95
+  assert metrics['samples_background_accuracy'] > 0.6
+  assert metrics['samples_color_accuracy'] > 0.4
+  stage, params = decoder_stage.load_decoder(str(tmp_path / 'decoder'))
+  from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  image = input_pipeline.load_split(stage.config.data, 'test', max_examples=1)['image'][0]
+  images = np.asarray(stage.variations(params, image, 2, jax.random.PRNGKey(0)))
+  assert images.shape == (2,) + image.shape
+
+
+SLOW_DECODER_OVERRIDES = ('--config.num_train_steps=250', '--config.batch_size=16',
+                          '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
+                          '--config.eval.num_examples=64', '--config.sampling.num_images=8')
