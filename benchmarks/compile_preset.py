@@ -55,8 +55,8 @@ def compile_preset(config, clip_depth: int = 1) -> dict:
   lower_s = time.perf_counter() - t0
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0 - lower_s
-  state_shapes = lowered.in_info[0][0]     # (args, kwargs) → args[0]: the TrainState
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shapes.params))
+  shapes = jax.eval_shape(lambda: stages.init_params(stage, jax.random.PRNGKey(0)))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   result = {'stage': config.stage, 'batch_size': config.batch_size, 'dtype': config.dtype,
             'mesh_shape': [int(n) for n in mesh.devices.shape], 'num_devices': jax.device_count(),
             'device_kind': jax.devices()[0].device_kind, 'params': n_params,

@@ -27,3 +27,18 @@ def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip
   peer = bench.measure_transformers_clip(config, steps=1, warmup=1, compile_model=False)
   # The peer is the same architecture at the same sizes: identical parameter counts.
   assert peer['params'] == ours['params']
+
+
+def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
+  """benchmarks/compile_preset.py on the tiny decoder over a 2x4 (data, fsdp) mesh."""
+  spec = importlib.util.spec_from_file_location(
+      'compile_preset', os.path.join(REPO, 'benchmarks', 'compile_preset.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_decoder_config(data_dir)
+  config.mesh.shape = (2, 4, 1)
+  result = module.compile_preset(config)
+  assert result['mesh_shape'] == [2, 4, 1] and result['num_devices'] == 8
+  assert result['params'] > 10_000 and result['flops_per_step'] > 0
+  assert result['compile_s'] > 0
