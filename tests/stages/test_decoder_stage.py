@@ -83,7 +83,9 @@ def test_sharded_decoder_training_matches_single_device(stage):
 
 @pytest.mark.parametrize('preset,low,high', [('karlo', 0.85e9, 0.95e9), ('paper', 3.0e9, 4.0e9)])
 def test_large_presets_build(data_dir, preset, low, high):
-  """karlo (~885M) and the paper's decoder (3.5B): parameter counts from shapes alone."""
+  """karlo (~885M) and the paper's decoder (3.5B): parameter counts and the output shape at
+  their resolution (64px, eps and the variance interpolation: 6 channels), from shapes alone.
+  (`benchmarks/compile_preset.py` compiles their train steps; ~2 min each on CPU.)"""
   from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
   from configs import decoder as decoder_configs  # pylint: disable=g-import-not-at-top
   config = decoder_configs.get_config(preset)
@@ -95,6 +97,11 @@ def test_large_presets_build(data_dir, preset, low, high):
       jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert low < count < high, count
+  f = jax.eval_shape(stage.clip_features, stage.clip.params, spec)
+  out = jax.eval_shape(lambda p, e, c, m: stage.model.apply(
+      p, jnp.zeros(spec['image'].shape), jnp.zeros((1,), jnp.int32), e, c, m),
+                       shapes, f['clip_emb'], f['caption'], f['caption_mask'])
+  assert out.shape == (1, 64, 64, 6) and out.dtype == jnp.float32
 
 
 @pytest.mark.slow
