@@ -27,11 +27,16 @@ from absl import flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Stage config, e.g. configs/decoder.py:karlo.',
-                                lock_config=False)
-flags.DEFINE_integer('devices', 0, 'Simulated CPU devices (0: the platform\'s own devices).')
-flags.DEFINE_integer('clip_depth', 1, 'Layers per frozen-CLIP tower (stages with a CLIP).')
-flags.mark_flags_as_required(['config'])
+
+
+def define_flags():
+  """The command line's flags (defined only when run as a script, so that the module can be
+  imported beside other absl programs)."""
+  config_flags.DEFINE_config_file('config', None, 'Stage config, e.g. configs/decoder.py:karlo.',
+                                  lock_config=False)
+  flags.DEFINE_integer('devices', 0, 'Simulated CPU devices (0: the platform\'s own devices).')
+  flags.DEFINE_integer('clip_depth', 1, 'Layers per frozen-CLIP tower (stages with a CLIP).')
+  flags.mark_flags_as_required(['config'])
 
 
 def compile_preset(config, clip_depth: int = 1) -> dict:
@@ -83,4 +88,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -110,3 +110,15 @@ def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):
   c.checkpoint.every_steps = 0
   c.eval.batch_size = 8
   return _override(c, overrides)
+
+
+def tiny_upsampler_config(data_dir: str, **overrides):
+  """configs/upsampler.py:tiny shrunk for unit tests: 8px → 16px, 8px crops."""
+  from configs import upsampler  # pylint: disable=g-import-not-at-top
+  c = _shrink(upsampler.get_config('tiny'), data_dir, batch_size=8, steps=4, eval_examples=8)
+  c.upsampler.crop_size = 8
+  c.sampling.steps = '4'
+  c.sampling.num_images = 4
+  c.checkpoint.every_steps = 0
+  c.eval.batch_size = 8
+  return _override(c, overrides)

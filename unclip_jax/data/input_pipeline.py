@@ -170,7 +170,7 @@ def get_source(data_config: ml_collections.ConfigDict, split: str) -> RecordSour
 
 
 def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
-                  batch_size: int, tokenizer: Tokenizer, seed: int,
+                  batch_size: int, tokenizer: Tokenizer | None, seed: int,
                   shuffle: bool = True, num_epochs: int | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None,
@@ -183,7 +183,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
     split: 'train' or 'test'.
     batch_size: per-process batch size; incomplete batches are dropped.
     tokenizer: callable list[str] -> int32 [B, L]; must be picklable when
-      ``worker_count > 0``.
+      ``worker_count > 0``. None: batches carry no ``tokens``.
     seed: shuffling seed (same seed and worker_count -> same order).
     shuffle: shuffle globally (per epoch) with grain's IndexSampler.
     num_epochs: None repeats forever.
@@ -214,7 +214,9 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
     # unparsed, which would crash the workers. Use the defaults.
     flags.FLAGS.mark_as_parsed()
   operations = [DecodeExample(data_config.resolution), DropNone(),
-                grain.transforms.Batch(batch_size, drop_remainder=True), Tokenize(tokenizer)]
+                grain.transforms.Batch(batch_size, drop_remainder=True)]
+  if tokenizer is not None:
+    operations.append(Tokenize(tokenizer))
   operations += _embedding_ops(data_config, split)
   loader = grain.DataLoader(data_source=data_source, sampler=sampler, operations=operations,
                             worker_count=worker_count)

@@ -16,7 +16,7 @@ A stage object provides:
 
 import importlib
 
-STAGES = ('clip', 'prior', 'decoder')
+STAGES = ('clip', 'prior', 'decoder', 'upsampler')
 
 
 def get_stage(config, **kwargs):
