@@ -30,13 +30,13 @@ def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip
 
 
 def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
-  """benchmarks/compile_preset.py on the tiny decoder over a 2x4 (data, fsdp) mesh."""
+  """benchmarks/compile_preset.py on the tiny upsampler over a 2x4 (data, fsdp) mesh."""
   spec = importlib.util.spec_from_file_location(
       'compile_preset', os.path.join(REPO, 'benchmarks', 'compile_preset.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   from tests import helpers  # pylint: disable=g-import-not-at-top
-  config = helpers.tiny_decoder_config(data_dir)
+  config = helpers.tiny_upsampler_config(data_dir)
   config.mesh.shape = (2, 4, 1)
   result = module.compile_preset(config)
   assert result['mesh_shape'] == [2, 4, 1] and result['num_devices'] == 8
