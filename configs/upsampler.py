@@ -14,9 +14,10 @@ Presets:
 Run:
   python -m unclip_jax.main --config=configs/upsampler.py:tiny --workdir=runs/upsampler
 
-Expected (tiny): held-out 32px images upsampled to 64px score a higher PSNR than bicubic
-upsampling, and keep their colours and shapes by the pixel checker; see eval_metrics.json and
-the grids in runs/upsampler/samples (bicubic row, the model's row, originals).
+Expected (tiny, ~3 min on 2 CPU cores, 500 steps): held-out 32px images upsampled to 64px keep
+their background and shape colours (pixel checker ~1.0) at a PSNR of ~29.6 dB (bicubic: 32.3;
+the samples carry some fine-grained noise at this length); see eval_metrics.json and the grids
+in runs/upsampler/samples (bicubic row, the model's row, originals).
 """
 
 import ml_collections
@@ -38,7 +39,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.unet = ml_collections.ConfigDict(dict(
       model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
       num_head_channels=32, dropout=0.0, use_scale_shift_norm=True, resblock_updown=False,
-      remat=False))
+      norm_groups=32, remat=False))
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = 'cosine'
@@ -68,7 +69,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 500
 
   if arg == 'tiny':
-    pass
+    # 8 channels per GroupNorm group: with 32 groups of 32 channels (instance norm) a model
+    # trained on 16px crops got the absolute colours of whole 64px images wrong.
+    c.model.unet.norm_groups = 4
+    c.diffusion.mean_type = 'v'   # as the tiny decoder: colours are learnt much faster than eps
   elif arg in ('karlo_64_256', 'paper_256_1024'):
     first = arg == 'karlo_64_256'
     c.data.resolution = 256 if first else 1024

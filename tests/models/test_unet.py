@@ -247,7 +247,7 @@ def test_misuse_raises_clear_errors():
 # Parity with diffusers' UNet2DModel, whose blocks match ADM's at these configs.
 
 
-def _diffusers_model(resblock_updown, scale_shift, attention):
+def _diffusers_model(resblock_updown, scale_shift, attention, groups=32):
   diffusers = pytest.importorskip('diffusers')
   torch = pytest.importorskip('torch')
   torch.manual_seed(0)
@@ -260,7 +260,8 @@ def _diffusers_model(resblock_updown, scale_shift, attention):
       in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
       down_block_types=down, up_block_types=up, downsample_type=resample,
       upsample_type=resample, attention_head_dim=32, add_attention=attention, norm_eps=1e-5,
-      attn_norm_num_groups=32,  # (its default drops the middle attention's norm with scale-shift)
+      norm_num_groups=groups,
+      attn_norm_num_groups=groups,  # (its default drops the middle attention's norm with scale-shift)
       resnet_time_scale_shift='scale_shift' if scale_shift else 'default').eval()
 
 
@@ -317,14 +318,15 @@ def _from_diffusers(state):
   return jax.tree.map(jnp.asarray, params)
 
 
-@pytest.mark.parametrize('resblock_updown,scale_shift,attention',
-                         [(True, True, True), (False, False, False)])
-def test_matches_diffusers_unet2d(resblock_updown, scale_shift, attention):
+@pytest.mark.parametrize('resblock_updown,scale_shift,attention,groups',
+                         [(True, True, True, 32), (False, False, False, 8)])
+def test_matches_diffusers_unet2d(resblock_updown, scale_shift, attention, groups):
   torch = pytest.importorskip('torch')
-  reference = _diffusers_model(resblock_updown, scale_shift, attention)
+  reference = _diffusers_model(resblock_updown, scale_shift, attention, groups)
   model = UNet(model_channels=32, out_channels=6, num_res_blocks=1, channel_mult=(1, 2),
                attention_resolutions=(2,) if attention else (), num_head_channels=32,
-               resblock_updown=resblock_updown, use_scale_shift_norm=scale_shift)
+               resblock_updown=resblock_updown, use_scale_shift_norm=scale_shift,
+               norm_groups=groups)
   x, t = _normal((2, 16, 16, 3), 1), jnp.array([3, 700])
   params = _from_diffusers(reference.state_dict())
   expected_tree = jax.eval_shape(model.init, _key(), x, t)['params']

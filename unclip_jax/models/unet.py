@@ -156,13 +156,14 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   up: bool = False
   down: bool = False
+  norm_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
     c = self.out_channels
     x = x.astype(self.dtype)
-    h = nn.silu(GroupNorm(dtype=self.dtype, name='norm_in')(x))
+    h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name='norm_in')(x))
     if self.up:
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.down:
@@ -170,7 +171,7 @@ class ResBlock(nn.Module):
     h = conv(c, 3, dtype=self.dtype, name='conv_in')(h)
 
     emb = nn.silu(emb.astype(jnp.float32)).astype(self.dtype)
-    norm_out = GroupNorm(dtype=self.dtype, name='norm_out')
+    norm_out = GroupNorm(self.norm_groups, dtype=self.dtype, name='norm_out')
     if self.use_scale_shift_norm:
       scale_shift = Projection((2, c), ('embed', None, 'conv_out'), dtype=self.dtype,
                                name='emb_proj')(emb)
@@ -218,6 +219,7 @@ class AttentionBlock(nn.Module):
   out [heads, num_head_channels, C]. Output: [B, H, W, C] in `dtype`.
   """
   num_head_channels: int = 64
+  norm_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -229,7 +231,7 @@ class AttentionBlock(nn.Module):
                        f'{self.num_head_channels}')
     heads, d = c // self.num_head_channels, self.num_head_channels
     x = x.astype(self.dtype)
-    h = GroupNorm(dtype=self.dtype, name='norm')(x).reshape(b, height * width, c)
+    h = GroupNorm(self.norm_groups, dtype=self.dtype, name='norm')(x).reshape(b, height * width, c)
     qkv = Projection((3, heads, d), ('embed', None, 'heads', 'kv'), dtype=self.dtype,
                      name='qkv')(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -267,6 +269,9 @@ class UNet(nn.Module):
     use_scale_shift_norm: condition by GN(h)·(1 + scale) + shift (else by adding to h).
     resblock_updown: resample with residual blocks (BigGAN) instead of Upsample/Downsample.
     context_dim: width of `encoder_states`; None for a model without them.
+    norm_groups: GroupNorm groups (32 in ADM). With as many groups as channels GroupNorm becomes
+      instance norm and erases each channel's spatial mean; a small model trained on crops then
+      gets the absolute colours of larger images wrong. Use fewer groups for narrow models.
     remat: rematerialise residual and attention blocks in the backward pass.
     dtype: compute dtype (parameters stay float32).
   """
@@ -280,6 +285,7 @@ class UNet(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = True
   context_dim: Optional[int] = None
+  norm_groups: int = 32
   remat: bool = False
   dtype: Dtype = jnp.float32
 
@@ -319,11 +325,12 @@ class UNet(nn.Module):
     res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
     res_kw = dict(use_scale_shift_norm=self.use_scale_shift_norm, dropout=self.dropout,
-                  dtype=self.dtype)
+                  norm_groups=self.norm_groups, dtype=self.dtype)
     attends = set(self.attention_resolutions)
 
     def attention(h, name):
-      return _constrain(attn(self.num_head_channels, dtype=self.dtype, name=name)(
+      return _constrain(attn(self.num_head_channels, self.norm_groups, dtype=self.dtype,
+                             name=name)(
           h, encoder_states, encoder_mask))
 
     def res_block(h, channels, name, **kw):
@@ -366,7 +373,7 @@ class UNet(nn.Module):
         else:
           h = _constrain(Upsample(self.dtype, name=name)(h))
 
-    h = nn.silu(GroupNorm(dtype=jnp.float32, name='norm_out')(h))
+    h = nn.silu(GroupNorm(self.norm_groups, dtype=jnp.float32, name='norm_out')(h))
     return conv(self.out_channels, 3, dtype=jnp.float32, zero_init=True,
                 axes=(None, None, 'conv_in', 'channels'), name='conv_out')(h)
 
