@@ -35,3 +35,14 @@ def test_float_images_and_blank_images():
   blank = np.full((32, 32, 3), cs.COLORS['blue'], np.uint8)
   found = shape_checker.analyze(blank)
   assert found['background'] == 'blue' and found['color'] is None and found['shape'] is None
+
+
+def test_shapes_of_noisy_images():
+  """Speckle like a short-trained sampler's (noise of std 10 levels on every pixel) must not
+  stretch the shapes' extents."""
+  images, labels = _examples(64, n=200)
+  rng = np.random.default_rng(0)
+  noisy = np.clip(images + rng.normal(0, 10, images.shape), 0, 255).astype(np.uint8)
+  scores = shape_checker.score(noisy, labels)
+  assert scores['background_accuracy'] == 1.0 and scores['color_accuracy'] >= 0.99
+  assert scores['shape_accuracy'] >= 0.9

@@ -30,6 +30,9 @@ def nearest_color(rgb: np.ndarray) -> str:
   return _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - rgb, axis=-1)))]
 
 
+SPECKLE = 0.35   # coverage below this (35% of the shape/background contrast) is noise
+
+
 def _measure(img: np.ndarray):
   """(background RGB, shape RGB or None, coverage [H, W] or None, width, height) of an image in
   [0, 255]. Coverage counts anti-aliased edge pixels fractionally; width and height are the
@@ -46,6 +49,9 @@ def _measure(img: np.ndarray):
   fg = np.median(img[core], axis=0)
   contrast = max(float(np.linalg.norm(fg - bg)), 1.0)
   coverage = np.clip(dist / contrast, 0.0, 1.0)
+  # Faint differences are noise, not shape: a generated image's speckle would otherwise add a
+  # little coverage to every row and column and stretch the shape's extents.
+  coverage = np.where(coverage < SPECKLE, 0.0, coverage)
   width = float(coverage.max(axis=0).sum())
   height = float(coverage.max(axis=1).sum())
   if width * height < 1.0 or not (coverage > 0.5).any():
