@@ -207,3 +207,18 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence
   step = lambda out, x, t, n: ddim_step(diffusion, out, x, t, n, eta=eta, clip_range=clip_range,
                                         eps_from_clipped_x0=eps_from_clipped_x0)
   return _run_chain(diffusion, model_fn, shape, rng, noise, step, return_trajectory)
+
+
+def sample(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int], rng: Array,
+           sampling, *, noise: Array | None = None, clip_range: float | None = None) -> Array:
+  """`ddpm_sample` or `ddim_sample` (with `sampling.eta`) as `sampling.sampler` names.
+
+  `sampling` is a stage config's `sampling` block; an unknown sampler raises ValueError naming
+  the field.
+  """
+  if sampling.sampler == 'ddim':
+    return ddim_sample(diffusion, model_fn, shape, rng, eta=sampling.eta, noise=noise,
+                       clip_range=clip_range)
+  if sampling.sampler == 'ddpm':
+    return ddpm_sample(diffusion, model_fn, shape, rng, noise=noise, clip_range=clip_range)
+  raise ValueError(f"config.sampling.sampler: {sampling.sampler!r} is not 'ddpm' or 'ddim'")

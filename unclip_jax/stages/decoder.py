@@ -158,15 +158,8 @@ class Stage:
           lambda x2, t2: apply(x2, t2, twice(clip_emb), twice(caption), twice(caption_mask),
                                drop, drop),
           s.guidance_scale, learned_variance=self.learned_variance)
-    kwargs = dict(noise=noise, clip_range=1.0)
-    if s.sampler == 'ddim':
-      images = samplers.ddim_sample(self.sampling_diffusion, model_fn, (b, r, r, 3), rng,
-                                    eta=s.eta, **kwargs)
-    elif s.sampler == 'ddpm':
-      images = samplers.ddpm_sample(self.sampling_diffusion, model_fn, (b, r, r, 3), rng,
-                                    **kwargs)
-    else:
-      raise ValueError(f"config.sampling.sampler: {s.sampler!r} is not 'ddpm' or 'ddim'")
+    images = samplers.sample(self.sampling_diffusion, model_fn, (b, r, r, 3), rng, s,
+                             noise=noise, clip_range=1.0)
     return jnp.clip(images, -1.0, 1.0)
 
   def _compiled(self, name, fn):

@@ -195,14 +195,8 @@ class Stage:
       drop = jnp.concatenate([jnp.zeros((b * k,), bool), jnp.ones((b * k,), bool)])
       model_fn = samplers.classifier_free_guidance(
           lambda x2, t2: apply(x2, t2, *both, drop), s.guidance_scale, learned_variance=False)
-    if s.sampler == 'ddim':
-      x = samplers.ddim_sample(self.sampling_diffusion, model_fn, (b * k, d), rng, eta=s.eta,
-                               noise=noise, clip_range=s.clip_range)
-    elif s.sampler == 'ddpm':
-      x = samplers.ddpm_sample(self.sampling_diffusion, model_fn, (b * k, d), rng, noise=noise,
-                               clip_range=s.clip_range)
-    else:
-      raise ValueError(f"config.sampling.sampler: {s.sampler!r} is not 'ddpm' or 'ddim'")
+    x = samplers.sample(self.sampling_diffusion, model_fn, (b * k, d), rng, s, noise=noise,
+                        clip_range=s.clip_range)
     candidates = _unit(apply(x, method=DiffusionPrior.denormalize)).reshape(b, k, d)
     scores = jnp.einsum('bkd,bd->bk', candidates, text_emb)
     best = jnp.take_along_axis(candidates, jnp.argmax(scores, 1)[:, None, None], 1)[:, 0]

@@ -169,14 +169,8 @@ class Stage:
     apply = functools.partial(self.model.apply, {'params': params})
     model_fn = lambda x, t: apply(jnp.concatenate([x, cond], -1), t)
     shape = (b, h * scale, w * scale, 3)
-    kwargs = dict(noise=noise, clip_range=1.0)
-    if s.sampler == 'ddim':
-      images = samplers.ddim_sample(self.sampling_diffusion, model_fn, shape, rng, eta=s.eta,
-                                    **kwargs)
-    elif s.sampler == 'ddpm':
-      images = samplers.ddpm_sample(self.sampling_diffusion, model_fn, shape, rng, **kwargs)
-    else:
-      raise ValueError(f"config.sampling.sampler: {s.sampler!r} is not 'ddpm' or 'ddim'")
+    images = samplers.sample(self.sampling_diffusion, model_fn, shape, rng, s, noise=noise,
+                             clip_range=1.0)
     return jnp.clip(images, -1.0, 1.0)
 
   def upsample_images(self, params, low_res, rng, noise=None) -> jax.Array:
