@@ -1,0 +1,461 @@
+"""Inference across the stages: text → CLIP → prior → decoder → upsamplers → images.
+
+    pipe = UnclipPipeline.from_run('runs/unclip')        # or from_workdirs(prior=..., ...)
+    out = pipe.text_to_image(['a red circle on a blue background'], seed=0)
+    out.images                                           # [B, H, W, 3] float in [-1, 1]
+
+Each stage runs as one compiled call (CLIP features and the whole sampling loop fused), compiled
+once per batch size and sampling setting. Per-stage sampling settings (`StageOptions`: respaced
+steps, sampler, guidance scale, seed) are arguments; initial noise may be supplied for every
+stage for exact reproducibility. The same parts give image variations, interpolations (slerp
+between two images' CLIP embeddings) and text diffs (§3 of the paper).
+"""
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from unclip_jax.stages import clip as clip_stage
+from unclip_jax.stages import decoder as decoder_stage
+from unclip_jax.stages import export
+from unclip_jax.stages import prior as prior_stage
+from unclip_jax.stages import upsampler as upsampler_stage
+
+
+class PromptError(ValueError):
+  """A prompt that cannot be encoded (empty, too long, not text)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptions:
+  """Sampling settings of one stage for one call; None keeps the stage config's value.
+
+  steps: respacing of the training schedule ('25', 'ddim27', '10,10,5'); sampler: 'ddpm' or
+  'ddim'; eta: DDIM's eta; guidance_scale: classifier-free guidance (prior and decoder);
+  seed: this stage's PRNG seed (default: derived from the call's seed).
+  """
+  steps: Optional[str] = None
+  sampler: Optional[str] = None
+  eta: Optional[float] = None
+  guidance_scale: Optional[float] = None
+  seed: Optional[int] = None
+
+  def overrides(self) -> dict:
+    fields = ('steps', 'sampler', 'eta', 'guidance_scale')
+    return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+
+
+@dataclasses.dataclass
+class Generation:
+  """What one call produced. Images are float in [-1, 1], NHWC.
+
+  images: the final images [B, H, W, 3] (after the last upsampler).
+  stage_images: the decoder's images, then each upsampler's.
+  image_embeddings: the CLIP image embeddings decoded [B, D].
+  text_embeddings: the prompts' CLIP text embeddings [B, D] (None without prompts).
+  prior_scores: the prior candidates' dot products with the text embedding [B, K] (or None).
+  seconds: wall-clock seconds per stage (including compilation on first use).
+  """
+  images: np.ndarray
+  stage_images: list
+  image_embeddings: np.ndarray
+  text_embeddings: Optional[np.ndarray] = None
+  prior_scores: Optional[np.ndarray] = None
+  seconds: dict = dataclasses.field(default_factory=dict)
+
+
+def slerp(a: jax.Array, b: jax.Array, t) -> jax.Array:
+  """Spherical interpolation between unit vectors a and b [..., D] at fractions t ([N] or
+  scalar); returns [N, ..., D] (or [..., D]) unit vectors. Falls back to lerp when a ≈ b."""
+  t = jnp.asarray(t, jnp.float32)
+  a, b = _unit(a), _unit(b)
+  omega = jnp.arccos(jnp.clip(jnp.sum(a * b, -1, keepdims=True), -1.0, 1.0))
+  tt = t.reshape(t.shape + (1,) * a.ndim)
+  so = jnp.sin(omega)
+  safe = so > 1e-6
+  wa = jnp.where(safe, jnp.sin((1 - tt) * omega) / jnp.where(safe, so, 1.0), 1 - tt)
+  wb = jnp.where(safe, jnp.sin(tt * omega) / jnp.where(safe, so, 1.0), tt)
+  return _unit(wa * a + wb * b)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """An image file → [size, size, 3] float32 in [-1, 1] (centre-cropped to a square, resized).
+
+  Raises FileNotFoundError for a missing file and ValueError for one that is not an image.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'image file not found: {path}')
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+  except Exception as e:  # PIL raises several types for unreadable files
+    raise ValueError(f'cannot read image {path}: {e}') from e
+  w, h = image.size
+  side = min(w, h)
+  left, top = (w - side) // 2, (h - side) // 2
+  image = image.crop((left, top, left + side, top + side)).resize((size, size),
+                                                                  Image.Resampling.BICUBIC)
+  return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] → uint8."""
+  return np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+class UnclipPipeline:
+  """A frozen CLIP, a prior, a decoder and upsamplers, each as (stage object, params).
+
+  Any of prior/decoder may be None for the parts that do not need it (variations need no prior).
+  Upsamplers must chain: each one's input size is the previous stage's output size.
+  """
+
+  def __init__(self, clip: clip_stage.FrozenClip, prior=None, decoder=None,
+               upsamplers: Sequence = ()):
+    self.clip = clip
+    self._stages = {'prior': prior, 'decoder': decoder}
+    self.upsamplers = list(upsamplers)
+    self._variants = {}
+    self._compiled = {}
+    dim = clip.config.model.embed_dim
+    for name, part in self._stages.items():
+      if part is not None and part[0].clip.config.model.embed_dim != dim:
+        raise ValueError(f'the {name} was trained on a CLIP with '
+                         f'{part[0].clip.config.model.embed_dim}-d embeddings, not {dim}')
+    size = decoder[0].config.data.resolution if decoder is not None else None
+    for i, (stage, _) in enumerate(self.upsamplers):
+      if size is not None and stage.low_res != size:
+        raise ValueError(f'upsampler {i} takes {stage.low_res}px images, but the stage before '
+                         f'it produces {size}px')
+      size = stage.high_res
+
+  # --- loading ----------------------------------------------------------------------------------
+
+  @classmethod
+  def from_workdirs(cls, *, clip: Optional[str] = None, prior: Optional[str] = None,
+                    decoder: Optional[str] = None, upsamplers: Sequence[str] = ()):
+    """Loads each stage's export from its run directory (or export/ folder).
+
+    `clip` defaults to the CLIP the prior (else the decoder) was trained on, as recorded in its
+    config. The stages must share that CLIP.
+    """
+    configs = {name: export.load_export(path, what=name) if path else None
+               for name, path in (('prior', prior), ('decoder', decoder))}
+    if clip is None:
+      recorded = [c[0].clip.workdir for c in configs.values() if c is not None]
+      if not recorded or not recorded[0]:
+        raise ValueError('no CLIP given, and none is recorded in the prior or decoder config')
+      clip = recorded[0]
+    frozen = clip_stage.load_frozen(clip)
+    parts = {}
+    for name, loaded in configs.items():
+      if loaded is None:
+        parts[name] = None
+        continue
+      config, params = loaded
+      config = _for_inference(config)
+      stage_cls = prior_stage.Stage if name == 'prior' else decoder_stage.Stage
+      parts[name] = (stage_cls(config, clip=frozen), params)
+    ups = []
+    for path in upsamplers:
+      config, params = export.load_export(path, what='upsampler')
+      ups.append((upsampler_stage.Stage(_for_inference(config)), params))
+    return cls(frozen, parts['prior'], parts['decoder'], ups)
+
+  @classmethod
+  def from_run(cls, root: str):
+    """Loads a run of the whole system (`unclip_jax.main_job`): root/{clip,prior,decoder,
+    upsampler*}."""
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f'no run directory at {root}')
+    sub = lambda name: os.path.join(root, name)
+    ups = sorted(d for d in os.listdir(root) if d.startswith('upsampler'))
+    return cls.from_workdirs(clip=sub('clip'), prior=sub('prior'), decoder=sub('decoder'),
+                             upsamplers=[sub(d) for d in ups])
+
+  @property
+  def resolution(self) -> int:
+    """The final images' size."""
+    if self.upsamplers:
+      return self.upsamplers[-1][0].high_res
+    return self._require('decoder')[0].config.data.resolution
+
+  # --- prompts ----------------------------------------------------------------------------------
+
+  def encode_prompts(self, prompts: Sequence[str], truncate: bool = False) -> np.ndarray:
+    """Prompts → token ids [B, L].
+
+    Raises PromptError for a non-string, an empty (or whitespace-only) prompt, and, unless
+    `truncate`, a prompt longer than the CLIP's context (L - 2 tokens): with `truncate` it is cut
+    to fit (with a warning), as CLIP's own tokenizer does.
+    """
+    if isinstance(prompts, str) or not prompts:
+      raise PromptError('prompts must be a non-empty list of strings')
+    tokenizer = self.clip.tokenizer
+    limit = tokenizer.context_length - 2
+    for i, prompt in enumerate(prompts):
+      if not isinstance(prompt, str):
+        raise PromptError(f'prompt {i} is a {type(prompt).__name__}, not a str')
+      if not prompt.strip():
+        raise PromptError(f'prompt {i} is empty')
+      n = len(tokenizer.encode(prompt))
+      if n > limit:
+        if not truncate:
+          raise PromptError(f'prompt {i} has {n} tokens; the CLIP reads at most {limit}: '
+                            f'shorten it or allow truncation: {prompt!r}')
+        logging.warning('prompt %d truncated from %d to %d tokens: %r', i, n, limit, prompt)
+    return np.asarray(tokenizer(list(prompts)))
+
+  # --- compiled stages --------------------------------------------------------------------------
+
+  def _require(self, name):
+    part = self._stages[name]
+    if part is None:
+      raise ValueError(f'this pipeline has no {name}; load one to use this method')
+    return part
+
+  def _variant(self, name: str, stage, options: StageOptions):
+    """The stage object with the call's sampling settings (cached: compiled functions stay)."""
+    overrides = options.overrides()
+    key = (name, id(stage), tuple(sorted(overrides.items())))
+    if key not in self._variants:
+      if not overrides:
+        self._variants[key] = stage
+      else:
+        config = ml_collections.ConfigDict(stage.config.to_dict())
+        for field, value in overrides.items():
+          config.sampling[field] = value
+        kwargs = {} if name.startswith('upsampler') else {'clip': self.clip}
+        self._variants[key] = type(stage)(config, **kwargs)
+    return self._variants[key]
+
+  def _jit(self, key, fn):
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(fn)
+    return self._compiled[key]
+
+  def _prior_call(self, stage):
+    def run(params, clip_params, tokens, rng, noise):
+      f = stage.clip_features(clip_params, {'tokens': tokens})
+      best, _, scores = stage.sample_fn(params, f['text_emb'], f['token_encodings'],
+                                        f['token_mask'], rng, noise)
+      return best, scores, f['text_emb']
+    return self._jit(('prior', id(stage)), run)
+
+  def _decoder_call(self, stage):
+    def run(params, clip_params, clip_emb, tokens, use_caption, rng, noise):
+      f = stage.clip_features(clip_params, {'tokens': tokens})
+      mask = f['caption_mask'] & use_caption[:, None]
+      return stage.sample_fn(params, clip_emb, f['caption'], mask, rng, noise)
+    return self._jit(('decoder', id(stage)), run)
+
+  def _upsampler_call(self, stage):
+    return self._jit(('upsampler', id(stage)), stage.sample_fn)
+
+  def _image_embedder(self):
+    return self._jit(('clip_image',), self.clip.encode_image)
+
+  # --- generation -------------------------------------------------------------------------------
+
+  def image_embeddings(self, images: np.ndarray) -> np.ndarray:
+    """Images [B, H, W, 3] in [-1, 1] → unit CLIP image embeddings [B, D]."""
+    return np.asarray(self._image_embedder()(jnp.asarray(images, jnp.float32), self.clip.params))
+
+  def text_embeddings(self, prompts: Sequence[str], truncate: bool = False) -> np.ndarray:
+    """Prompts → unit CLIP text embeddings [B, D]."""
+    tokens = self.encode_prompts(prompts, truncate)
+    fn = self._jit(('clip_text',), lambda p, t: self.clip.encode_text(t, p)[0])
+    return np.asarray(fn(self.clip.params, tokens))
+
+  def text_to_image(self, prompts: Sequence[str], *, seed: int = 0,
+                    prior: StageOptions = StageOptions(), decoder: StageOptions = StageOptions(),
+                    upsamplers: StageOptions | Sequence[StageOptions] = StageOptions(),
+                    noise: Optional[dict] = None, truncate: bool = False,
+                    on_stage: Optional[Callable[[str, float], None]] = None) -> Generation:
+    """Images for prompts: the prior samples `num_candidates` image embeddings per prompt and
+    keeps the one closest to the text embedding; the decoder draws them with the prompt as its
+    caption; the upsamplers enlarge them.
+
+    Args:
+      prompts: B strings (see `encode_prompts` for what is refused).
+      seed: the call's seed; stage i uses fold_in(seed, i) unless its options give a seed.
+      prior, decoder, upsamplers: sampling settings per stage (one StageOptions for all
+        upsamplers, or one each).
+      noise: optional initial noise per stage for exact reproducibility: {'prior': [B·K, D],
+        'decoder': [B, r, r, 3], 'upsamplers': [[B, R, R, 3], ...]} (any subset).
+      on_stage: called with (stage name, seconds) after each stage (progress reporting).
+    """
+    tokens = self.encode_prompts(prompts, truncate)
+    noise = dict(noise or {})
+    unknown = set(noise) - {'prior', 'decoder', 'upsamplers'}
+    if unknown:
+      raise ValueError(f'noise: unknown stages {sorted(unknown)}; use prior, decoder, upsamplers')
+    stage, params = self._require('prior')
+    stage = self._variant('prior', stage, prior)
+    b, k, d = len(tokens), stage.config.sampling.num_candidates, self.clip.config.model.embed_dim
+    prior_noise = noise.get('prior')
+    if prior_noise is not None:
+      prior_noise = _check_noise('prior', prior_noise, (b * k, d))
+    start = time.perf_counter()
+    emb, scores, text_emb = self._prior_call(stage)(params, self.clip.params, tokens,
+                                                    _stage_rng(seed, 0, prior), prior_noise)
+    emb = jax.block_until_ready(emb)
+    seconds = {'prior': time.perf_counter() - start}
+    if on_stage:
+      on_stage('prior', seconds['prior'])
+    out = self._decode_and_upsample(emb, tokens, np.ones((b,), bool), seed, decoder, upsamplers,
+                                    noise, on_stage)
+    out.text_embeddings = np.asarray(text_emb)
+    out.prior_scores = np.asarray(scores)
+    out.seconds = {**seconds, **out.seconds}
+    return out
+
+  def decode(self, image_embeddings: np.ndarray, *, prompts: Optional[Sequence[str]] = None,
+             seed: int = 0, decoder: StageOptions = StageOptions(),
+             upsamplers: StageOptions | Sequence[StageOptions] = StageOptions(),
+             noise: Optional[dict] = None, shared_noise: bool = False,
+             on_stage: Optional[Callable[[str, float], None]] = None) -> Generation:
+    """Images for CLIP image embeddings [B, D] (decoder, then upsamplers), optionally with
+    captions. `shared_noise`: every image starts from the same initial noise (interpolations)."""
+    emb = jnp.asarray(image_embeddings, jnp.float32)
+    if emb.ndim != 2 or emb.shape[1] != self.clip.config.model.embed_dim:
+      raise ValueError(f'image_embeddings: expected [B, {self.clip.config.model.embed_dim}], '
+                       f'got {tuple(emb.shape)}')
+    b = emb.shape[0]
+    if prompts is None:
+      tokens = np.asarray(self.clip.tokenizer([''] * b))
+      use_caption = np.zeros((b,), bool)
+    else:
+      tokens = self.encode_prompts(prompts)
+      use_caption = np.ones((b,), bool)
+    if shared_noise:
+      noise = dict(noise or {})
+      rng = jax.random.PRNGKey(seed)
+      r = self._require('decoder')[0].config.data.resolution
+      noise.setdefault('decoder', jnp.broadcast_to(
+          jax.random.normal(jax.random.fold_in(rng, 100), (1, r, r, 3)), (b, r, r, 3)))
+      ups = []
+      for i, (stage, _) in enumerate(self.upsamplers):
+        s = stage.high_res
+        ups.append(jnp.broadcast_to(jax.random.normal(jax.random.fold_in(rng, 101 + i),
+                                                      (1, s, s, 3)), (b, s, s, 3)))
+      noise.setdefault('upsamplers', ups)
+    return self._decode_and_upsample(emb, tokens, use_caption, seed, decoder, upsamplers,
+                                     noise or {}, on_stage)
+
+  def _decode_and_upsample(self, emb, tokens, use_caption, seed, decoder, upsamplers, noise,
+                           on_stage) -> Generation:
+    stage, params = self._require('decoder')
+    stage = self._variant('decoder', stage, decoder)
+    b, r = emb.shape[0], stage.config.data.resolution
+    dec_noise = noise.get('decoder')
+    if dec_noise is not None:
+      dec_noise = _check_noise('decoder', dec_noise, (b, r, r, 3))
+    seconds = {}
+    start = time.perf_counter()
+    images = self._decoder_call(stage)(params, self.clip.params, emb, tokens,
+                                       jnp.asarray(use_caption), _stage_rng(seed, 1, decoder),
+                                       dec_noise)
+    stage_images = [np.asarray(images)]
+    seconds['decoder'] = time.perf_counter() - start
+    if on_stage:
+      on_stage('decoder', seconds['decoder'])
+    options = (list(upsamplers) if isinstance(upsamplers, (list, tuple))
+               else [upsamplers] * len(self.upsamplers))
+    if len(options) != len(self.upsamplers):
+      raise ValueError(f'{len(options)} upsampler options for {len(self.upsamplers)} upsamplers')
+    up_noise = list(noise.get('upsamplers') or [None] * len(self.upsamplers))
+    if len(up_noise) != len(self.upsamplers):
+      raise ValueError(f"noise['upsamplers']: {len(up_noise)} arrays for "
+                       f'{len(self.upsamplers)} upsamplers')
+    for i, ((up, up_params), opts, z) in enumerate(zip(self.upsamplers, options, up_noise)):
+      name = f'upsampler_{i}'
+      up = self._variant(name, up, opts)
+      if z is not None:
+        z = _check_noise(f"upsamplers[{i}]", z, (b, up.high_res, up.high_res, 3))
+      start = time.perf_counter()
+      images = self._upsampler_call(up)(up_params, images, _stage_rng(seed, 2 + i, opts), z)
+      stage_images.append(np.asarray(images))
+      seconds[name] = time.perf_counter() - start
+      if on_stage:
+        on_stage(name, seconds[name])
+    return Generation(images=stage_images[-1], stage_images=stage_images,
+                      image_embeddings=np.asarray(emb), seconds=seconds)
+
+  # --- variations, interpolations, text diffs ---------------------------------------------------
+
+  def _image_input(self, image) -> np.ndarray:
+    """A path or an [H, W, 3] array in [-1, 1] → [1, H, W, 3] (paths read at the CLIP's size)."""
+    if isinstance(image, (str, os.PathLike)):
+      image = load_image(os.fspath(image), self.clip.config.model.vision.image_size)
+    image = np.asarray(image, np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'image: expected [H, W, 3], got {image.shape}')
+    return image[None]
+
+  def variations(self, image, num: int, *, seed: int = 0, **kwargs) -> Generation:
+    """`num` images decoded from one image's CLIP embedding (a path or [H, W, 3] in [-1, 1])."""
+    emb = self.image_embeddings(self._image_input(image))
+    return self.decode(np.repeat(emb, num, 0), seed=seed, **kwargs)
+
+  def interpolate(self, image_a, image_b, num_frames: int, *, seed: int = 0,
+                  decoder: StageOptions = StageOptions(sampler='ddim', eta=0.0),
+                  **kwargs) -> Generation:
+    """`num_frames` images along the slerp between two images' CLIP embeddings, all decoded
+    from the same initial noise (deterministic DDIM by default, as in the paper)."""
+    if num_frames < 2:
+      raise ValueError(f'num_frames must be at least 2, got {num_frames}')
+    a = self.image_embeddings(self._image_input(image_a))[0]
+    b = self.image_embeddings(self._image_input(image_b))[0]
+    frames = slerp(a, b, jnp.linspace(0.0, 1.0, num_frames))
+    return self.decode(frames, seed=seed, decoder=decoder, shared_noise=True, **kwargs)
+
+  def text_diff(self, image, source: str, target: str, num_frames: int = 4, *,
+                max_angle: float = 0.5, seed: int = 0,
+                decoder: StageOptions = StageOptions(sampler='ddim', eta=0.0),
+                **kwargs) -> Generation:
+    """Edits an image toward a caption change: its embedding z_i is slerped toward the unit
+    text diff z_d = norm(z_t(target) − z_t(source)) at angles θ ∈ linspace(0, max_angle) (the
+    paper uses θ up to 0.5), decoded from shared noise."""
+    z_i = self.image_embeddings(self._image_input(image))[0]
+    z_t = self.text_embeddings([source, target])
+    z_d = z_t[1] - z_t[0]
+    if np.linalg.norm(z_d) < 1e-6:
+      raise ValueError('source and target captions have the same CLIP embedding')
+    frames = slerp(z_i, z_d, jnp.linspace(0.0, max_angle, num_frames))
+    return self.decode(frames, seed=seed, decoder=decoder, shared_noise=True, **kwargs)
+
+
+def _for_inference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A loaded stage config without training-only inputs (precomputed embeddings)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if 'data' in config and config.data.get('embeddings_dir'):
+    config.data.embeddings_dir = None
+  return config
+
+
+def _stage_rng(seed: int, index: int, options: StageOptions) -> jax.Array:
+  if options.seed is not None:
+    return jax.random.PRNGKey(options.seed)
+  return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+
+
+def _check_noise(name: str, noise, shape: tuple) -> jax.Array:
+  noise = jnp.asarray(noise, jnp.float32)
+  if noise.size == int(np.prod(shape)) and noise.shape != shape and name == 'prior':
+    noise = noise.reshape(shape)  # [B, K, D] is accepted for [B·K, D]
+  if noise.shape != shape:
+    raise ValueError(f"noise['{name}']: expected shape {shape}, got {tuple(noise.shape)}")
+  return noise
+
+
+def _unit(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
