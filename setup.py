@@ -37,6 +37,8 @@ setup(
     entry_points={
         'console_scripts': [
             'unclip-train=unclip_jax.main:run',
+            'unclip-train-all=unclip_jax.train_all:run_cli',
+            'unclip-sample=unclip_jax.sample:run',
         ],
     },
 )

@@ -48,3 +48,34 @@ def trained_tiny_clip(data_dir, tmp_path_factory):
                      '--config.num_train_steps=350', '--config.optim.warmup_steps=50',
                      '--config.data.num_train=8000', '--config.checkpoint.every_steps=0')
   return str(workdir), metrics
+
+
+def perturbed(params, seed):
+  """Random params away from the zero-initialised output layers (so outputs depend on them)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope='session')
+def untrained_run(data_dir, tmp_path_factory):
+  """An untrained tiny system saved as a run: clip/, prior/, decoder/ (16px), upsampler/ (→32px)."""
+  from unclip_jax import stages  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage, decoder as decoder_stage, export  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import prior as prior_stage, upsampler as upsampler_stage  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path_factory.mktemp('unclip_run'))
+  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir))
+  clip_stage.save_frozen(os.path.join(root, 'clip', 'export'), clip.params, clip.config)
+  for name, make, cls in (('prior', helpers.tiny_prior_config, prior_stage.Stage),
+                          ('decoder', helpers.tiny_decoder_config, decoder_stage.Stage)):
+    config = make(data_dir, None, **{'sampling.steps': '3'})
+    stage = cls(config, clip=clip)
+    params = perturbed(stages.init_params(stage, jax.random.PRNGKey(1)), 2)
+    config.clip.workdir = os.path.join(root, 'clip')
+    export.save_export(os.path.join(root, name, 'export'), params, config)
+  config = helpers.tiny_upsampler_config(data_dir, **{'data.resolution': 32, 'sampling.steps': '3'})
+  stage = upsampler_stage.Stage(config)
+  params = perturbed(stages.init_params(stage, jax.random.PRNGKey(3)), 4)
+  export.save_export(os.path.join(root, 'upsampler', 'export'), params, config)
+  return root

@@ -10,49 +10,13 @@ import pytest
 from PIL import Image
 
 from unclip_jax import pipeline as pipeline_lib
-from unclip_jax import stages
-from unclip_jax.stages import clip as clip_stage
-from unclip_jax.stages import decoder as decoder_stage
-from unclip_jax.stages import export
-from unclip_jax.stages import prior as prior_stage
-from unclip_jax.stages import upsampler as upsampler_stage
-
-from tests import helpers
 
 B = 2
 
 
-def _perturbed(params, seed):
-  """Random params away from the zero-initialised output layers (so outputs depend on them)."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope='module')
-def run_dir(data_dir, tmp_path_factory):
-  """An untrained tiny system saved as a run: clip/, prior/, decoder/ (16px), upsampler/ (→32px)."""
-  root = str(tmp_path_factory.mktemp('unclip_run'))
-  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir))
-  clip_stage.save_frozen(os.path.join(root, 'clip', 'export'), clip.params, clip.config)
-  for name, make, cls in (('prior', helpers.tiny_prior_config, prior_stage.Stage),
-                          ('decoder', helpers.tiny_decoder_config, decoder_stage.Stage)):
-    config = make(data_dir, None, **{'sampling.steps': '3'})
-    stage = cls(config, clip=clip)
-    params = _perturbed(stages.init_params(stage, jax.random.PRNGKey(1)), 2)
-    config.clip.workdir = os.path.join(root, 'clip')
-    export.save_export(os.path.join(root, name, 'export'), params, config)
-  config = helpers.tiny_upsampler_config(data_dir, **{'data.resolution': 32, 'sampling.steps': '3'})
-  stage = upsampler_stage.Stage(config)
-  params = _perturbed(stages.init_params(stage, jax.random.PRNGKey(3)), 4)
-  export.save_export(os.path.join(root, 'upsampler', 'export'), params, config)
-  return root
-
-
-@pytest.fixture(scope='module')
-def pipe(run_dir):
-  return pipeline_lib.UnclipPipeline.from_run(run_dir)
+def pipe(untrained_run):
+  return pipeline_lib.UnclipPipeline.from_run(untrained_run)
 
 
 PROMPTS = ['a red circle on a blue background', 'a small green star at the top left']
@@ -160,7 +124,7 @@ def test_variations_interpolation_and_text_diff(pipe, tmp_path):
     pipe.text_diff(path, 'a red circle', 'a red circle')
 
 
-def test_bad_inputs(pipe, run_dir, tmp_path):
+def test_bad_inputs(pipe, untrained_run, tmp_path):
   with pytest.raises(FileNotFoundError, match='image file not found'):
     pipe.variations(str(tmp_path / 'missing.png'), 2)
   junk = tmp_path / 'junk.png'
@@ -170,7 +134,7 @@ def test_bad_inputs(pipe, run_dir, tmp_path):
   with pytest.raises(ValueError, match=r'expected \[B, 32\]'):
     pipe.decode(np.zeros((2, 7)))
   with pytest.raises(FileNotFoundError, match='no exported prior'):
-    pipeline_lib.UnclipPipeline.from_workdirs(clip=os.path.join(run_dir, 'clip'),
+    pipeline_lib.UnclipPipeline.from_workdirs(clip=os.path.join(untrained_run, 'clip'),
                                               prior=str(tmp_path))
   # An upsampler whose input size is not the decoder's output size.
   up, up_params = pipe.upsamplers[0]

@@ -1,5 +1,6 @@
 """Image helpers shared by the trainer, the stages and the pipeline."""
 
+import textwrap
 from typing import Optional
 
 import numpy as np
@@ -18,3 +19,27 @@ def image_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
     r, k = divmod(i, columns)
     grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
   return grid
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] → uint8."""
+  return np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def contact_sheet(images: np.ndarray, captions: list[str], columns: int, cell: int = 128):
+  """uint8 images [N, H, W, 3] and their captions → one PIL image: a grid of `cell`-px tiles,
+  each caption wrapped beneath its image."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  n = len(images)
+  columns = max(1, min(columns, n))
+  rows = -(-n // columns)
+  text_h = 56
+  sheet = Image.new('RGB', (columns * cell, rows * (cell + text_h)), 'white')
+  draw = ImageDraw.Draw(sheet)
+  for i, (image, caption) in enumerate(zip(images, captions)):
+    r, c = divmod(i, columns)
+    x, y = c * cell, r * (cell + text_h)
+    sheet.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+    lines = textwrap.wrap(caption, width=cell // 6)[:4]
+    draw.multiline_text((x + 2, y + cell + 1), '\n'.join(lines), fill='black', spacing=1)
+  return sheet

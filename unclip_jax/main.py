@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from unclip_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Stage config file, e.g. configs/clip.py:tiny.',
                                 lock_config=True)
@@ -22,18 +24,10 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Drops INFO-level chatter from orbax/tfds/grain; warnings and errors still pass."""
-  NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/')
-
-  def filter(self, record) -> bool:
-    return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from unclip_jax import config_lib, train  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
@@ -47,20 +41,9 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-def _parse_flags(argv):
-  """absl's parser, with bad config overrides reported in one line instead of a traceback."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'Invalid command line: {e}')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).replace('\\n', ' ').replace("\\'", '').strip('\'"')
-    sys.exit(f'Invalid config override: unknown field or bad value: {message}')
-
-
 def run():
   """Console entry point (`unclip-train`)."""
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

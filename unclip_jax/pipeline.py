@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unclip_jax.images import to_uint8  # pylint: disable=unused-import  (re-exported)
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import decoder as decoder_stage
 from unclip_jax.stages import export
@@ -104,11 +105,6 @@ def load_image(path: str, size: int) -> np.ndarray:
   image = image.crop((left, top, left + side, top + side)).resize((size, size),
                                                                   Image.Resampling.BICUBIC)
   return np.asarray(image, np.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """Images in [-1, 1] → uint8."""
-  return np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 class UnclipPipeline:

@@ -1,0 +1,77 @@
+r"""The whole system: CLIP, then the prior and decoder on the frozen CLIP, then an upsampler,
+then text→image samples for held-out prompts, scored from pixels.
+
+Presets:
+  tiny  the README's main job on a 2-core CPU: 32px CLIP, prior and decoder on precomputed CLIP
+        embeddings, a 32→64 upsampler; 64 held-out prompts sampled at 64px.
+  gpu   the same job larger for one GPU (~10 min on an H100): 64px decoder with 96 channels,
+        64→128 upsampler, longer runs, 256 prompts.
+
+Run:
+  python -m unclip_jax.train_all --config=configs/unclip.py:tiny --workdir=runs/unclip
+  # any stage's field: --config.decoder.num_train_steps=1000 --config.prior.sampling.steps=16
+
+Writes runs/unclip/{clip,prior,decoder,upsampler}/ (each a normal stage run: checkpoints,
+TensorBoard logs, eval_metrics.json, export/), embeddings/ (the CLIP's, shared by the prior and
+decoder), and sample/: grid.png (each prompt above its image), images/, TensorBoard logs and
+report.json: the fraction of generated images whose shape colour, background colour and shape a
+pixel checker (unclip_jax.data.shape_checker) reads as the prompt says, next to the same reading
+of the dataset's own images, and each stage's time and evaluation. Running it again resumes;
+finished stages are skipped.
+"""
+
+import ml_collections
+
+from configs import clip as clip_configs
+from configs import decoder as decoder_configs
+from configs import prior as prior_configs
+from configs import upsampler as upsampler_configs
+
+STAGES = ('clip', 'prior', 'decoder', 'upsampler')
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.clip = clip_configs.get_config('tiny')
+  c.prior = prior_configs.get_config('tiny')
+  c.decoder = decoder_configs.get_config('tiny')
+  c.upsampler = upsampler_configs.get_config('tiny')
+  c.precompute_embeddings = True     # the prior and decoder read the CLIP's embeddings from disk
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_prompts = 64          # held-out captions sampled and scored
+  c.sample.batch_size = 64
+  c.sample.seed = 0
+  c.sample.grid_columns = 8
+
+  if arg == 'tiny':
+    c.clip.num_train_steps = 600
+    c.clip.data.num_train = 8000
+    c.prior.num_train_steps = 600
+    c.decoder.num_train_steps = 600
+    c.upsampler.num_train_steps = 400
+    for name in ('prior', 'decoder', 'upsampler'):
+      c[name].eval.num_examples = 64
+  elif arg == 'gpu':
+    c.clip.num_train_steps = 3000
+    c.clip.batch_size = 512
+    c.prior.num_train_steps = 3000
+    c.decoder.data.resolution = 64
+    c.decoder.model.unet.update(model_channels=96, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                                attention_resolutions=(4, 8), num_head_channels=32)
+    c.decoder.model.context_width = 256
+    c.decoder.batch_size = 128
+    c.decoder.num_train_steps = 6000
+    c.decoder.dtype = 'bfloat16'
+    c.upsampler.data.resolution = 128
+    c.upsampler.upsampler.crop_size = 32
+    c.upsampler.model.unet.update(model_channels=64, channel_mult=(1, 2, 4))
+    c.upsampler.batch_size = 64
+    c.upsampler.num_train_steps = 4000
+    c.upsampler.dtype = 'bfloat16'
+    c.sample.num_prompts = 256
+    c.sample.batch_size = 128
+    c.sample.grid_columns = 16
+  else:
+    raise ValueError(f"unknown preset {arg!r}; use 'tiny' or 'gpu'")
+  return c

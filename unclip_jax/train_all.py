@@ -1,0 +1,195 @@
+"""The whole system in one command: train CLIP, the prior, the decoder and the upsampler in order,
+then draw images for held-out prompts and score them from pixels.
+
+  python -m unclip_jax.train_all --config=configs/unclip.py:tiny --workdir=runs/unclip
+
+See configs/unclip.py for what it writes. Each stage is an ordinary run directory under the
+workdir (so `unclip_jax.main` and `unclip-sample` work on it); a stage whose checkpoint has
+reached its `num_train_steps` and which has exported is skipped when the job runs again.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from unclip_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Job config, e.g. configs/unclip.py:tiny.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory of the whole system.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+STAGES = ('clip', 'prior', 'decoder', 'upsampler')
+CLIP_CONDITIONED = ('prior', 'decoder')
+
+
+def _finished(stage_dir: str, config) -> bool:
+  """Whether `stage_dir` holds an export and evaluation of a run that reached its last step."""
+  if not all(os.path.exists(os.path.join(stage_dir, f))
+             for f in ('eval_metrics.json', os.path.join('export', 'config.json'))):
+    return False
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  return train.checkpoint_manager(stage_dir, config).latest_step() == config.num_train_steps
+
+
+def _embeddings_dir(workdir: str, data_config) -> str:
+  """One folder of precomputed CLIP embeddings per dataset setting (resolution)."""
+  return os.path.join(workdir, f'embeddings_{data_config.resolution}px')
+
+
+def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Each stage's config, wired to the job's directories (the CLIP, precomputed embeddings)."""
+  out = {}
+  for name in STAGES:
+    c = ml_collections.ConfigDict(config[name].to_dict())
+    if name in CLIP_CONDITIONED:
+      c.clip.workdir = os.path.join(workdir, 'clip')
+      if config.precompute_embeddings:
+        c.data.embeddings_dir = _embeddings_dir(workdir, c.data)
+    out[name] = c
+  return out
+
+
+def _ensure_embeddings(configs: dict, workdir: str):
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+  clip = None
+  for name in CLIP_CONDITIONED:
+    data = configs[name].data
+    if not data.get('embeddings_dir'):
+      continue
+    try:
+      embeddings.check(data.embeddings_dir, data, clip)
+      continue
+    except (FileNotFoundError, ValueError):
+      pass
+    if clip is None:
+      clip = clip_stage.load_frozen(os.path.join(workdir, 'clip'))
+    logging.info('Writing CLIP embeddings of the %dpx data to %s', data.resolution,
+                 data.embeddings_dir)
+    embeddings.write(clip, data, data.embeddings_dir)
+
+
+def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or skips, if finished) every stage in order; {stage: {'seconds', 'eval'}}."""
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  configs = stage_configs(config, workdir)
+  report = {}
+  for name in STAGES:
+    stage_dir = os.path.join(workdir, name)
+    start = time.perf_counter()
+    if name in CLIP_CONDITIONED and config.precompute_embeddings:
+      _ensure_embeddings(configs, workdir)
+    if _finished(stage_dir, configs[name]):
+      logging.info('Stage %s: finished earlier in %s; skipped', name, stage_dir)
+      with open(os.path.join(stage_dir, 'eval_metrics.json')) as f:
+        metrics = json.load(f)
+    else:
+      logging.info('Stage %s: training %d steps in %s', name, configs[name].num_train_steps,
+                   stage_dir)
+      metrics = train.train_and_evaluate(configs[name], stage_dir)
+    report[name] = {'seconds': round(time.perf_counter() - start, 1), 'eval': metrics}
+  return report
+
+
+def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Held-out prompts → images through the pipeline; the pixel checker's reading of them and
+  of the dataset's own images at the same resolution. Writes workdir/sample/."""
+  from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import prior as prior_stage  # pylint: disable=g-import-not-at-top
+  s = config.sample
+  out_dir = os.path.join(workdir, 'sample')
+  pipe = pipeline_lib.UnclipPipeline.from_run(workdir)
+  final = config.upsampler if pipe.upsamplers else config.decoder
+  real = input_pipeline.load_split(final.data, 'test', max_examples=s.num_prompts)
+  prompts = [str(c) for c in real['caption']]
+  start = time.perf_counter()
+  images, stage_seconds = [], {}
+  for i in range(0, len(prompts), s.batch_size):
+    chunk = list(prior_stage.pad_to(np.asarray(prompts[i:i + s.batch_size], object),
+                                    s.batch_size))
+    out = pipe.text_to_image(chunk, seed=s.seed + i)
+    images.append(out.images[:min(s.batch_size, len(prompts) - i)])
+    for k, v in out.seconds.items():
+      stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+  images = np.concatenate(images)
+  seconds = time.perf_counter() - start
+  labels = {k: real[k] for k in ('color', 'background', 'shape')}
+  generated = shape_checker.score(images, labels)
+  ceiling = shape_checker.score(real['image'], labels)
+  _write_samples(out_dir, prompts, images, s.grid_columns)
+  writer = train.create_writer(out_dir)
+  writer.write_scalars(0, {**{f'generated/{k}': v for k, v in generated.items()},
+                           **{f'real/{k}': v for k, v in ceiling.items()}})
+  from unclip_jax.images import image_grid  # pylint: disable=g-import-not-at-top
+  writer.write_images(0, {'generated': image_grid(images[:s.grid_columns ** 2],
+                                                  s.grid_columns)[None]})
+  writer.flush()
+  return {'num_prompts': len(prompts), 'resolution': int(images.shape[1]),
+          'generated': generated, 'real': ceiling, 'seconds': round(seconds, 1),
+          'stage_seconds': {k: round(v, 1) for k, v in stage_seconds.items()}}
+
+
+def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns: int):
+  """images/NNNN.png, prompts.txt, and grid.png: each image with its prompt beneath."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
+  pixels = images_lib.to_uint8(images)
+  for i, image in enumerate(pixels):
+    Image.fromarray(image).save(os.path.join(out_dir, 'images', f'{i:04d}.png'))
+  with open(os.path.join(out_dir, 'prompts.txt'), 'w', encoding='utf-8') as f:
+    f.write('\n'.join(prompts) + '\n')
+  images_lib.contact_sheet(pixels, prompts, columns).save(os.path.join(out_dir, 'grid.png'))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains every stage, samples, writes and returns the report (also workdir/report.json)."""
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  report = {'stages': train_stages(config, workdir)}
+  report['sample'] = sample_and_score(config, workdir)
+  report['total_seconds'] = round(time.perf_counter() - start, 1)
+  with open(os.path.join(workdir, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  g, r = report['sample']['generated'], report['sample']['real']
+  logging.info('Generated images read as prompted: shape colour %.2f, background %.2f, shape '
+               '%.2f (dataset images: %.2f, %.2f, %.2f); %.0f s in all; report: %s',
+               *(d[f'{k}_accuracy'] for d in (g, r) for k in ('color', 'background', 'shape')),
+               report['total_seconds'], os.path.join(workdir, 'report.json'))
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  try:
+    for name in STAGES:
+      config_lib.validate(FLAGS.config[name], jax.device_count(), jax.process_count())
+  except config_lib.ConfigError as e:
+    sys.exit(f'Invalid config ({name}): {e}')
+  run(FLAGS.config, FLAGS.workdir)
+
+
+def run_cli():
+  """Console entry point (`unclip-train-all`)."""
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run_cli()
