@@ -28,27 +28,32 @@ from absl import flags
 from unclip_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('run', None, 'Run directory of unclip_jax.train_all (clip/, prior/, '
-                    'decoder/, upsampler*/).')
-flags.DEFINE_string('clip', None, 'CLIP run or export (default: the one the prior was trained on).')
-flags.DEFINE_string('prior', None, 'Prior run or export.')
-flags.DEFINE_string('decoder', None, 'Decoder run or export.')
-flags.DEFINE_multi_string('upsampler', [], 'Upsampler run or export (repeat, in order).')
-flags.DEFINE_string('out', 'samples', 'Output directory.')
-flags.DEFINE_string('prompts_file', None, 'UTF-8 text file, one prompt per line.')
-flags.DEFINE_string('variations', None, 'Image file: draw --num variations of it.')
-flags.DEFINE_list('interpolate', None, 'Two image files A,B: --num frames between them.')
-flags.DEFINE_integer('num', 4, 'Images per variation / frames per interpolation.')
-flags.DEFINE_integer('seed', 0, 'Seed of the whole call; stage i uses fold_in(seed, i).')
-flags.DEFINE_integer('batch_size', 16, 'Prompts per compiled call (the last batch is padded).')
-flags.DEFINE_bool('truncate', False, 'Cut over-long prompts to the CLIP context instead of '
-                  'refusing them.')
-for _stage in ('prior', 'decoder', 'upsampler'):
-  flags.DEFINE_string(f'{_stage}_steps', None, f'{_stage} respaced steps (e.g. 25, ddim27).')
-  flags.DEFINE_enum(f'{_stage}_sampler', None, ['ddpm', 'ddim'], f'{_stage} sampler.')
-  flags.DEFINE_integer(f'{_stage}_seed', None, f'{_stage} seed (overrides --seed).')
-  if _stage != 'upsampler':
-    flags.DEFINE_float(f'{_stage}_guidance', None, f'{_stage} classifier-free guidance scale.')
+
+
+def define_flags():
+  """The command line's flags (defined on use, so that importing this module defines none)."""
+  flags.DEFINE_string('run', None, 'Run directory of unclip_jax.train_all (clip/, prior/, '
+                      'decoder/, upsampler*/).')
+  flags.DEFINE_string('clip', None, 'CLIP run or export (default: the one the prior was '
+                      'trained on).')
+  flags.DEFINE_string('prior', None, 'Prior run or export.')
+  flags.DEFINE_string('decoder', None, 'Decoder run or export.')
+  flags.DEFINE_multi_string('upsampler', [], 'Upsampler run or export (repeat, in order).')
+  flags.DEFINE_string('out', 'samples', 'Output directory.')
+  flags.DEFINE_string('prompts_file', None, 'UTF-8 text file, one prompt per line.')
+  flags.DEFINE_string('variations', None, 'Image file: draw --num variations of it.')
+  flags.DEFINE_list('interpolate', None, 'Two image files A,B: --num frames between them.')
+  flags.DEFINE_integer('num', 4, 'Images per variation / frames per interpolation.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the whole call; stage i uses fold_in(seed, i).')
+  flags.DEFINE_integer('batch_size', 16, 'Prompts per compiled call (the last batch is padded).')
+  flags.DEFINE_bool('truncate', False, 'Cut over-long prompts to the CLIP context instead of '
+                    'refusing them.')
+  for stage in ('prior', 'decoder', 'upsampler'):
+    flags.DEFINE_string(f'{stage}_steps', None, f'{stage} respaced steps (e.g. 25, ddim27).')
+    flags.DEFINE_enum(f'{stage}_sampler', None, ['ddpm', 'ddim'], f'{stage} sampler.')
+    flags.DEFINE_integer(f'{stage}_seed', None, f'{stage} seed (overrides --seed).')
+    if stage != 'upsampler':
+      flags.DEFINE_float(f'{stage}_guidance', None, f'{stage} classifier-free guidance scale.')
 
 
 def read_prompts(args: list[str], path: str | None) -> list[str]:
@@ -180,6 +185,7 @@ def main(argv):
 
 def run():
   """Console entry point (`unclip-sample`)."""
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -23,10 +23,14 @@ import numpy as np
 from unclip_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Job config, e.g. configs/unclip.py:tiny.',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Run directory of the whole system.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """The command line's flags (defined on use, so that importing this module defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Job config, e.g. configs/unclip.py:tiny.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory of the whole system.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 STAGES = ('clip', 'prior', 'decoder', 'upsampler')
 CLIP_CONDITIONED = ('prior', 'decoder')
@@ -188,6 +192,7 @@ def main(argv):
 
 def run_cli():
   """Console entry point (`unclip-train-all`)."""
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
 
 
