@@ -56,9 +56,9 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in STAGES:
     c = ml_collections.ConfigDict(config[name].to_dict())
     if name in CLIP_CONDITIONED:
-      c.clip.workdir = os.path.join(workdir, 'clip')
+      c.clip.workdir = os.path.join(os.path.abspath(workdir), 'clip')
       if config.precompute_embeddings:
-        c.data.embeddings_dir = _embeddings_dir(workdir, c.data)
+        c.data.embeddings_dir = _embeddings_dir(os.path.abspath(workdir), c.data)
     out[name] = c
   return out
 
