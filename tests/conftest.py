@@ -42,10 +42,10 @@ def make_tiny_clip_config(data_dir):
 
 @pytest.fixture(scope='session')
 def trained_tiny_clip(data_dir, tmp_path_factory):
-  """The README's CLIP job at a shorter length (32px, 350 steps): (workdir, eval metrics)."""
+  """The README's CLIP job at a shorter length (32px, 300 steps): (workdir, eval metrics)."""
   workdir = tmp_path_factory.mktemp('clip_run')
   metrics = helpers.run_main('configs/clip.py:tiny', workdir, data_dir,
-                     '--config.num_train_steps=350', '--config.optim.warmup_steps=50',
+                     '--config.num_train_steps=300', '--config.optim.warmup_steps=50',
                      '--config.data.num_train=8000', '--config.checkpoint.every_steps=0')
   return str(workdir), metrics
 
@@ -79,3 +79,4 @@ def untrained_run(data_dir, tmp_path_factory):
   params = perturbed(stages.init_params(stage, jax.random.PRNGKey(3)), 4)
   export.save_export(os.path.join(root, 'upsampler', 'export'), params, config)
   return root
+

@@ -127,4 +127,5 @@ def test_tiny_decoder_reproduces_colours(trained_tiny_clip, data_dir, tmp_path):
 # At 16px (the CLIP sees the images resized to its 32px) the run takes ~1 minute.
 SLOW_DECODER_OVERRIDES = ('--config.num_train_steps=300', '--config.data.resolution=16',
                           '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
-                          '--config.eval.num_examples=64', '--config.sampling.num_images=8')
+                          '--config.eval.num_examples=32', '--config.eval.batch_size=32',
+                          '--config.sampling.num_images=8')

@@ -90,8 +90,8 @@ def test_tiny_prior_beats_the_text_embedding_baseline(trained_tiny_clip, data_di
   metrics = helpers.run_main('configs/prior.py:tiny', tmp_path / 'prior', data_dir,
                      f'--config.clip.workdir={clip_workdir}', '--config.num_train_steps=300',
                      '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
-                     '--config.eval.num_examples=250',
-                     f'--config.data.embeddings_dir={tmp_path / "emb"}')
+                     '--config.eval.num_examples=128', '--config.eval.batch_size=128',
+                     '--config.batch_size=64', f'--config.data.embeddings_dir={tmp_path / "emb"}')
   print(metrics)
   assert metrics["cosine_pred_image"] > metrics["cosine_text_image_baseline"] + 0.005
   assert metrics['zero_shot_color_accuracy_pred'] > 0.8
