@@ -4,8 +4,8 @@ then text→image samples for held-out prompts, scored from pixels.
 Presets:
   tiny  the README's main job on a 2-core CPU: 32px CLIP, prior and decoder on precomputed CLIP
         embeddings, a 32→64 upsampler; 64 held-out prompts sampled at 64px.
-  gpu   the same job larger for one GPU (~10 min on an H100): 64px decoder with 96 channels,
-        64→128 upsampler, longer runs, 256 prompts.
+  gpu   the same job larger for one GPU, sized for about 10 minutes on an H100 (not yet measured
+        on one): 64px decoder with 96 channels, 64→128 upsampler, longer runs, 256 prompts.
 
 Run:
   python -m unclip_jax.train_all --config=configs/unclip.py:tiny --workdir=runs/unclip
@@ -18,6 +18,10 @@ report.json: the fraction of generated images whose shape colour, background col
 pixel checker (unclip_jax.data.shape_checker) reads as the prompt says, next to the same reading
 of the dataset's own images, and each stage's time and evaluation. Running it again resumes;
 finished stages are skipped.
+
+Expected (tiny, 12 min 46 s on 2 CPU cores including the dataset): generated images' background
+colour 1.00 and shape colour 0.95 as prompted (dataset images 1.00, 1.00); the decoder draws
+shapes as blobs at this length (shape 0.20, chance 0.2).
 """
 
 import ml_collections
