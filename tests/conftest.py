@@ -15,6 +15,11 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_num_cpu_devices', 8)
+# Many tests compile the same tiny programs (the same configs on the same meshes): a
+# compilation cache shared by the session's tests compiles each once.
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='unclip_jax_xla_cache_'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # for `configs`

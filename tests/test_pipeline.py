@@ -133,6 +133,8 @@ def test_bad_inputs(pipe, untrained_run, tmp_path):
     pipe.variations(str(junk), 2)
   with pytest.raises(ValueError, match=r'expected \[B, 32\]'):
     pipe.decode(np.zeros((2, 7)))
+  with pytest.raises(FileNotFoundError, match='no run directory at'):
+    pipeline_lib.UnclipPipeline.from_run(str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match='no exported prior'):
     pipeline_lib.UnclipPipeline.from_workdirs(clip=os.path.join(untrained_run, 'clip'),
                                               prior=str(tmp_path))
