@@ -1,5 +1,6 @@
 """What the command-line entry points share: flag parsing with one-line errors, quiet logs."""
 
+import os
 import sys
 
 from absl import flags
@@ -23,3 +24,11 @@ def parse_flags(argv):
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).replace('\\n', ' ').replace("\\'", '').strip('\'"')
     sys.exit(f'Invalid config override: unknown field or bad value: {message}')
+
+
+def console_setup():
+  """For console scripts (`unclip-train`, ...): config files import `configs.*`, which lives
+  beside the package in the repository, so the working directory joins the import path as it
+  does for `python -m`."""
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())

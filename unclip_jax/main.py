@@ -43,6 +43,7 @@ def main(argv):
 
 def run():
   """Console entry point (`unclip-train`)."""
+  cli.console_setup()
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -185,6 +185,7 @@ def main(argv):
 
 def run():
   """Console entry point (`unclip-sample`)."""
+  cli.console_setup()
   define_flags()
   app.run(main, flags_parser=cli.parse_flags)
 

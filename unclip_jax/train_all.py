@@ -192,6 +192,7 @@ def main(argv):
 
 def run_cli():
   """Console entry point (`unclip-train-all`)."""
+  cli.console_setup()
   define_flags()
   app.run(main, flags_parser=cli.parse_flags)
 

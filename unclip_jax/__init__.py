@@ -1,0 +1,1 @@
+"""unclip_jax: unCLIP (CLIP, diffusion prior, decoder, upsamplers) in JAX/Flax. See README.md."""
