@@ -43,3 +43,16 @@ def contact_sheet(images: np.ndarray, captions: list[str], columns: int, cell: i
     lines = textwrap.wrap(caption, width=cell // 6)[:4]
     draw.multiline_text((x + 2, y + cell + 1), '\n'.join(lines), fill='black', spacing=1)
   return sheet
+
+
+def save_with_sheet(images: np.ndarray, captions: list[str], image_dir: str, sheet_path: str,
+                    columns: int = 8) -> None:
+  """Images in [-1, 1] → image_dir/NNNN.png, and a contact sheet (each caption beneath its
+  image) at sheet_path."""
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(image_dir, exist_ok=True)
+  pixels = to_uint8(images)
+  for i, image in enumerate(pixels):
+    Image.fromarray(image).save(os.path.join(image_dir, f'{i:04d}.png'))
+  contact_sheet(pixels, captions, columns).save(sheet_path)

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unclip_jax.images import to_uint8  # pylint: disable=unused-import  (re-exported)
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import decoder as decoder_stage
 from unclip_jax.stages import export

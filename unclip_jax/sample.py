@@ -126,14 +126,9 @@ def generate(pipe, prompts: list[str], log=print):
 
 
 def write(out_dir: str, images, captions: list[str], info: dict):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  pixels = images_lib.to_uint8(images)
-  for i, image in enumerate(pixels):
-    Image.fromarray(image).save(os.path.join(out_dir, f'{i:04d}.png'))
-  images_lib.contact_sheet(pixels, captions, columns=min(8, len(pixels))).save(
-      os.path.join(out_dir, 'contact_sheet.png'))
+  images_lib.save_with_sheet(images, captions, out_dir, os.path.join(out_dir, 'contact_sheet.png'),
+                             columns=min(8, len(images)))
   with open(os.path.join(out_dir, 'generation.json'), 'w', encoding='utf-8') as f:
     json.dump(info, f, indent=2, ensure_ascii=False)
 

@@ -148,15 +148,11 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns: int):
   """images/NNNN.png, prompts.txt, and grid.png: each image with its prompt beneath."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
-  pixels = images_lib.to_uint8(images)
-  for i, image in enumerate(pixels):
-    Image.fromarray(image).save(os.path.join(out_dir, 'images', f'{i:04d}.png'))
+  images_lib.save_with_sheet(images, prompts, os.path.join(out_dir, 'images'),
+                             os.path.join(out_dir, 'grid.png'), columns)
   with open(os.path.join(out_dir, 'prompts.txt'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(prompts) + '\n')
-  images_lib.contact_sheet(pixels, prompts, columns).save(os.path.join(out_dir, 'grid.png'))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
