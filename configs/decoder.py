@@ -54,6 +54,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.diffusion.num_steps = 1000
   c.diffusion.mean_type = 'eps'
   c.diffusion.var_type = 'learned_range'   # trained with the hybrid loss
+  c.diffusion.min_snr_gamma = ml_collections.config_dict.placeholder(float)  # None: L_simple
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = '25'

@@ -138,6 +138,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _fail('optim.schedule', f"{o.schedule!r} is not 'cosine' or 'constant'")
   if o.accum_steps < 1:
     _fail('optim.accum_steps', f'must be >= 1, got {o.accum_steps}')
+  gamma = config.get('diffusion', {}).get('min_snr_gamma')
+  if gamma is not None and not gamma > 0:
+    _fail('diffusion.min_snr_gamma', f'must be positive (or None), got {gamma}')
   if not 0 <= config.ema.decay < 1:
     _fail('ema.decay', f'must be in [0, 1), got {config.ema.decay}')
   data, fsdp, _ = resolve_mesh_shape(config.mesh.shape, num_devices)

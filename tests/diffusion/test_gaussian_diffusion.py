@@ -293,3 +293,23 @@ def test_hybrid_vb_vanishes_for_the_true_posterior():
   losses = jax.jit(d.training_losses)(perfect, x0, t, noise)
   np.testing.assert_allclose(losses['vb'], 0, atol=1e-5)
   np.testing.assert_allclose(losses['mse'], 0, atol=1e-10)
+
+
+@pytest.mark.parametrize('mean_type', ['eps', 'x0', 'v'])
+def test_min_snr_weights_put_min_snr_gamma_on_the_x0_error(mean_type):
+  """weights * (target error)^2 == min(SNR, gamma) * (implied x0 error)^2, whatever the target."""
+  d = _diffusion(mean_type=mean_type)
+  shape = (4, 3, 3, 2)
+  t = jnp.array([0, 300, 600, 999], jnp.int32)
+  x0, noise, x_t_noise = _normal(0, shape), _normal(1, shape), _normal(2, shape)
+  x_t = d.q_sample(x0, t, noise)
+  output = d.training_target(x0, t, noise) + 0.1 * x_t_noise   # a wrong prediction
+  pred_x0 = d.pred_x0_from_output(output, x_t, t)
+  gamma = 5.0
+  snr = np.asarray(d.snr(t))
+  want = np.minimum(snr, gamma) * np.mean(np.square(pred_x0 - x0), axis=(1, 2, 3))
+  losses = d.training_losses(output, x0, t, noise, mse_weights=d.min_snr_weights(t, gamma))
+  np.testing.assert_allclose(losses['loss'], want, rtol=2e-3)
+  assert snr[0] > gamma > snr[-1]    # both branches of the min are exercised
+  with pytest.raises(ValueError, match='gamma must be positive'):
+    d.min_snr_weights(t, 0.0)

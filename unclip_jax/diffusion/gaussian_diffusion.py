@@ -469,6 +469,29 @@ class GaussianDiffusion:
       return self.predict_v(x0, t, noise)
     return x0
 
+  def snr(self, t: Array) -> Array:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of step t: float32 [t.shape]."""
+    a = self.alphas_cumprod[jnp.asarray(t)]
+    return a / (1.0 - a)
+
+  def min_snr_weights(self, t: Array, gamma: float) -> Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for this process's mean_type: [t.shape].
+
+    The weight on the x_0 error becomes min(SNR_t, gamma), which caps the weight of the
+    low-noise steps that dominate x_0/v/eps regressions and lets the mid-noise steps (where
+    layout and shape are decided) learn faster. Expressed on this process's own target:
+    eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); x0: min(SNR, gamma).
+    """
+    if gamma <= 0:
+      raise ValueError(f'min-SNR gamma must be positive, got {gamma}')
+    snr = self.snr(t)
+    clipped = jnp.minimum(snr, gamma)
+    if self.mean_type == 'eps':
+      return clipped / snr
+    if self.mean_type == 'v':
+      return clipped / (snr + 1.0)
+    return clipped
+
   def vb_terms_bpd(self, model_output: Array, x0: Array, x_t: Array, t: Array, *,
                    discretized_decoder: bool = True) -> Array:
     """One term of the variational bound per example, in bits per dimension: [B].
@@ -489,7 +512,7 @@ class GaussianDiffusion:
     return jnp.where(jnp.asarray(t) == 0, decoder_nll, kl) / math.log(2.0)
 
   def training_losses(self, model_output: Array, x0: Array, t: Array, noise: Array, *,
-                      weights: Array | None = None,
+                      weights: Array | None = None, mse_weights: Array | None = None,
                       discretized_decoder: bool = True) -> dict[str, Array]:
     """Per-example training losses for a model output at x_t = q_sample(x0, t, noise).
 
@@ -503,7 +526,7 @@ class GaussianDiffusion:
       num_timesteps / 1000: improved DDPM's L_hybrid = L_simple + lambda L_vlb with lambda =
       0.001, L_vlb = sum over T steps = T E_t[L_t] (identical to improved-diffusion's
       RESCALED_MSE loss). Zeros for 'mse'.
-    loss: (mse + vb), times `weights` when given.
+    loss: (mse_weights * mse + vb), times `weights` when given.
 
     Args:
       model_output: model output at (x_t, t): [x0.shape] or [..., 2C] for learned_range.
@@ -511,6 +534,8 @@ class GaussianDiffusion:
       t: int32 [B] step indices into this process.
       noise: [x0.shape] the standard normal noise used to form x_t.
       weights: optional float [B] per-example loss weights.
+      mse_weights: optional float [B] weights of the mse term alone (e.g.
+        `min_snr_weights`); the variance's VB term keeps its own weighting.
       discretized_decoder: decoder NLL at t == 0, see `vb_terms_bpd`.
 
     Returns:
@@ -527,7 +552,7 @@ class GaussianDiffusion:
       vb = vb * (self.num_timesteps / _REFERENCE_STEPS)
     else:
       vb = jnp.zeros_like(mse)
-    loss = mse + vb
+    loss = (mse if mse_weights is None else mse * jnp.asarray(mse_weights, jnp.float32)) + vb
     if weights is not None:
       loss = loss * jnp.asarray(weights, jnp.float32)
     return {'loss': loss, 'mse': mse, 'vb': vb}

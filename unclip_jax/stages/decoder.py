@@ -128,7 +128,9 @@ class Stage:
     out = self.model.apply({'params': params}, x_t, self.diffusion.model_timesteps(t),
                            f['clip_emb'], f['caption'], f['caption_mask'], drop_clip, drop_text,
                            train=True, rngs={'dropout': rng_dropout})
-    losses = self.diffusion.training_losses(out, x0, t, noise)
+    gamma = self.config.diffusion.get('min_snr_gamma')
+    mse_weights = None if gamma is None else self.diffusion.min_snr_weights(t, gamma)
+    losses = self.diffusion.training_losses(out, x0, t, noise, mse_weights=mse_weights)
     return losses['loss'].mean(), {'mse': losses['mse'].mean(), 'vb': losses['vb'].mean()}
 
   def make_iterator(self, split, batch_size, *, seed, shuffle, process_index, process_count):
