@@ -37,12 +37,17 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 64
+  # pool: 'eot' pools at the first eot_id, 'argmax' at the largest id (OpenAI / open_clip).
+  # pixel_mean / pixel_std: None feeds the [-1, 1] pixels as they are; 3 values each map them
+  # to [0, 1] and normalise per channel (converted OpenAI CLIPs). Set by unclip_jax.convert.
+  # model.text or model.vision may be None in a converted one-tower CLIP.
   c.model.text = ml_collections.ConfigDict(dict(
       vocab_size=128, context_length=context_length, width=128, depth=3, num_heads=4, eot_id=2,
-      mlp_ratio=4.0, activation='quick_gelu', remat=False))
+      mlp_ratio=4.0, activation='quick_gelu', remat=False, pool='eot', layer_norm_eps=1e-5))
   c.model.vision = ml_collections.ConfigDict(dict(
       image_size=resolution, patch_size=8, width=128, depth=4, num_heads=4,
-      mlp_ratio=4.0, activation='quick_gelu', remat=False))
+      mlp_ratio=4.0, activation='quick_gelu', remat=False, layer_norm_eps=1e-5,
+      pixel_mean=None, pixel_std=None))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 1000

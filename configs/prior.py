@@ -31,6 +31,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, activation='gelu', remat=False,
       scan=False))
+  # Unconditional caption for guidance: 'learned' (null embedding + tokens, ours) or
+  # 'empty_prompt' (the empty prompt's CLIP encodings and mask: karlo; converted priors).
+  c.model.null_caption = 'learned'
 
   c.prior = ml_collections.ConfigDict()
   c.prior.text_drop_prob = 0.1       # classifier-free guidance: caption dropped 10% (paper)
@@ -50,7 +53,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.sampling.eta = 0.0
   c.sampling.guidance_scale = 2.0
   c.sampling.num_candidates = 2      # draw 2, keep the one with the larger dot with the text
-  c.sampling.clip_range = 10.0       # clip predicted x0 (normalised space), as karlo
+  c.sampling.clip_range = 10.0       # clip predicted x0 (normalised space); None: no clipping
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 500
@@ -75,6 +78,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     c.model.update(width=2048, depth=20, num_heads=32, remat=True, scan=True)
     c.sampling.steps = '25'
     c.sampling.guidance_scale = 4.0
+    c.sampling.clip_range = 5.0      # karlo's prior scheduler: clip_sample_range 5
     c.batch_size = 256
     c.num_train_steps = 500_000
     c.optim.lr = 1.1e-4

@@ -122,3 +122,18 @@ def tiny_upsampler_config(data_dir: str, **overrides):
   c.checkpoint.every_steps = 0
   c.eval.batch_size = 8
   return _override(c, overrides)
+
+
+# A tiny CLIP BPE vocabulary for converter tests: byte tokens, a few merges, then sot and eot.
+TINY_CLIP_MERGES = (('t', 'h'), ('th', 'e</w>'), ('c', 'a'), ('ca', 't</w>'), ('d', 'o'),
+                    ('do', 'g</w>'), ('p', 'h'), ('o', 't'), ('ph', 'ot'), ('phot', 'o</w>'),
+                    ('o', 'f</w>'))
+
+
+def tiny_clip_vocab():
+  """(vocab {token: id}, merges [(a, b)]) of a 535-token CLIP BPE tokenizer."""
+  from unclip_jax.data.tokenizers import bytes_to_unicode  # pylint: disable=g-import-not-at-top
+  chars = list(bytes_to_unicode().values())
+  tokens = chars + [c + '</w>' for c in chars] + [a + b for a, b in TINY_CLIP_MERGES]
+  tokens += ['<|startoftext|>', '<|endoftext|>']
+  return {t: i for i, t in enumerate(tokens)}, list(TINY_CLIP_MERGES)

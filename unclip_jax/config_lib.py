@@ -97,6 +97,9 @@ def frozen_clip(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = ml_collections.config_dict.placeholder(str)
   c.preset = preset
+  # True: the stage sees unit-norm CLIP embeddings (ours). False: the CLIP's raw projections,
+  # as karlo's prior and decoder were trained on.
+  c.normalize = True
   return c
 
 

@@ -70,7 +70,9 @@ def load_state_dict(path: str) -> StateDict:
   try:
     raw = torch.load(path, map_location='cpu', weights_only=False)
   except Exception as e:
-    raise ConversionError(f'{path} is not a readable torch checkpoint: {e}') from e
+    raw = _load_torchscript(path)
+    if raw is None:
+      raise ConversionError(f'{path} is not a readable torch checkpoint: {e}') from e
   if hasattr(raw, 'state_dict') and not isinstance(raw, Mapping):  # a whole pickled module
     raw = raw.state_dict()
   for key in ('state_dict', 'model'):
@@ -84,6 +86,15 @@ def load_state_dict(path: str) -> StateDict:
       state[k[len('module.'):] if k.startswith('module.') else k] = (
           v.detach().float().cpu().numpy())
   return state
+
+
+def _load_torchscript(path: str):
+  """The state dict of a TorchScript archive (OpenAI's original CLIP .pt files), or None."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    return torch.jit.load(path, map_location='cpu').state_dict()
+  except Exception:  # not TorchScript either; the caller reports torch.load's error
+    return None
 
 
 def read_json(folder: str, name: str = 'config.json') -> dict[str, Any]:

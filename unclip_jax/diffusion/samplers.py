@@ -152,18 +152,25 @@ def _initial_noise(rng: Array, shape: Sequence[int], noise: Array | None) -> Arr
   return noise
 
 
+def step_noise(rng: Array, index: int | Array, shape: Sequence[int]) -> Array:
+  """The standard normal noise [shape] that a sampler called with `rng` adds at step `index`
+  (an index into the respaced process, T-1 first). Exposed so that other implementations can be
+  driven with the same noise (parity tests)."""
+  return jax.random.normal(jax.random.fold_in(jax.random.split(rng)[1], index), tuple(shape),
+                           jnp.float32)
+
+
 def _run_chain(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Sequence[int],
                rng: Array, noise: Array | None, step_fn, return_trajectory: bool):
   """Scans step_fn(model_output, x_t, t, step_noise) over t = T-1 .. 0 in one loop."""
-  init_rng, step_rng = jax.random.split(rng)
+  init_rng = jax.random.split(rng)[0]
   x_init = _initial_noise(init_rng, shape, noise)
   batch = shape[0]
 
   def body(x, index):
     t = jnp.full((batch,), index, dtype=jnp.int32)
     model_output = model_fn(x, diffusion.model_timesteps(t))
-    step_noise = jax.random.normal(jax.random.fold_in(step_rng, index), x.shape, jnp.float32)
-    x_prev, pred_x0 = step_fn(model_output, x, t, step_noise)
+    x_prev, pred_x0 = step_fn(model_output, x, t, step_noise(rng, index, x.shape))
     return x_prev.astype(x.dtype), (pred_x0 if return_trajectory else None)
 
   indices = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)

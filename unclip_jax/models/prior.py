@@ -8,6 +8,14 @@ clean (normalised) image embedding.
 The module also owns the embedding normalisation (`normalize` / `denormalize`): the diffusion runs
 on `(emb - clip_mean) / clip_std`, with the statistics held as non-trainable parameters so that a
 checkpoint carries them (karlo's convention), or on `emb * scale` when `normalization='scale'`.
+
+Classifier-free guidance needs an unconditional caption. With `null_caption='learned'` (ours) the
+model owns a learned null text embedding and null token encodings that `drop_text` swaps in. With
+`null_caption='empty_prompt'` (kakaobrain's karlo / diffusers' PriorTransformer) the unconditional
+caption is the EMPTY PROMPT's CLIP encodings with the empty prompt's token mask, which only the
+caller (who holds the CLIP) can compute: it passes them as an ordinary caption, and `drop_text`
+is refused. The null parameters still exist in that mode (so that every prior has one parameter
+tree); they are unused, and converted checkpoints hold zeros there.
 """
 
 import math
@@ -20,6 +28,7 @@ import jax.numpy as jnp
 from unclip_jax.models.transformer import LayerNorm, Transformer, dense
 
 Dtype = Any
+NULL_CAPTIONS = ('learned', 'empty_prompt')
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -43,6 +52,8 @@ class DiffusionPrior(nn.Module):
     width, depth, num_heads, mlp_ratio: the transformer.
     normalization: 'stats' (per-dimension mean/std parameters) or 'scale' (multiply by
       `embedding_scale`, default sqrt(D)).
+    null_caption: 'learned' (learned null caption for `drop_text`) or 'empty_prompt' (the caller
+      passes the empty prompt's encodings as the unconditional caption; see the module doc).
   """
   embed_dim: int
   text_width: int
@@ -54,11 +65,15 @@ class DiffusionPrior(nn.Module):
   activation: str = 'gelu'
   normalization: str = 'stats'
   embedding_scale: Optional[float] = None
+  null_caption: str = 'learned'
   remat: bool = False
   scan: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
+    if self.null_caption not in NULL_CAPTIONS:
+      raise ValueError(f'DiffusionPrior.null_caption: {self.null_caption!r} is not one of '
+                       f'{NULL_CAPTIONS}')
     d = self.embed_dim
     self.clip_mean = self.param('clip_mean', nn.with_logical_partitioning(
         nn.initializers.zeros, ('norm',)), (d,), jnp.float32)
@@ -119,7 +134,7 @@ class DiffusionPrior(nn.Module):
       token_encodings: CLIP text tower's final hidden states [B, L, text_width].
       token_mask: [B, L] bool, True for real (non-padding) caption tokens.
       drop_text: [B] bool; True replaces the caption (embedding and tokens) by learned null
-        values, for classifier-free guidance.
+        values, for classifier-free guidance. Only with null_caption='learned'.
     Returns:
       predicted x0 [B, D] (float32).
     """
@@ -128,6 +143,10 @@ class DiffusionPrior(nn.Module):
       raise ValueError(f'token encodings have length {length}; the prior was built for '
                        f'num_tokens={self.num_tokens}')
     if drop_text is not None:
+      if self.null_caption != 'learned':
+        raise ValueError(f"drop_text needs null_caption='learned'; with "
+                         f"null_caption={self.null_caption!r} pass the empty prompt's CLIP "
+                         'encodings and token mask as the unconditional caption instead')
       drop = drop_text[:, None]
       text_emb = jnp.where(drop, self.null_text_emb[None], text_emb)
       token_encodings = jnp.where(drop[:, :, None], self.null_tokens[None], token_encodings)

@@ -115,14 +115,16 @@ class ResidualBlock(nn.Module):
   activation: str = 'gelu'
   causal: bool = False
   dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name='attn')(
-        LayerNorm(self.dtype, name='ln_1')(x), is_causal=self.causal, mask=mask)
+        LayerNorm(self.dtype, self.layer_norm_eps, name='ln_1')(x), is_causal=self.causal,
+        mask=mask)
     x = x + MLP(self.mlp_ratio, self.activation, dtype=self.dtype, name='mlp')(
-        LayerNorm(self.dtype, name='ln_2')(x))
+        LayerNorm(self.dtype, self.layer_norm_eps, name='ln_2')(x))
     return x
 
 
@@ -148,6 +150,7 @@ class Transformer(nn.Module):
   remat: bool = False
   scan: bool = False
   dtype: Dtype = jnp.float32
+  layer_norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -158,9 +161,11 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast,), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(*args, dtype=self.dtype, name='block')(x, mask)
+      x, _ = stack(*args, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
+                   name='block')(x, mask)
       return x
     block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     for i in range(self.depth):
-      x = block(*args, dtype=self.dtype, name=f'block_{i}')(x, mask)
+      x = block(*args, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
+                name=f'block_{i}')(x, mask)
     return x

@@ -16,7 +16,7 @@ import optax
 
 from unclip_jax.data import tokenizers
 from unclip_jax.stages import export
-from unclip_jax.models.clip import CLIP
+from unclip_jax.models.clip import CLIP, MISSING_TOWER
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -56,9 +56,32 @@ def make_tokenizer(config: ml_collections.ConfigDict):
 
 
 def build_model(config: ml_collections.ConfigDict) -> CLIP:
+  """The CLIP of `config.model`; `model.text` or `model.vision` may be None (one tower)."""
   m = config.model
-  return CLIP(text=dict(m.text), vision=dict(m.vision), embed_dim=m.embed_dim,
+  return CLIP(text=_tower_args(m.text), vision=_tower_args(m.vision), embed_dim=m.embed_dim,
               dtype=DTYPES[config.dtype])
+
+
+def _tower_args(tower) -> Optional[dict]:
+  """A tower's config as module arguments (lists, e.g. from config.json, as tuples)."""
+  if tower is None:
+    return None
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(tower).items()}
+
+
+def resolve_tokenizer_path(config: ml_collections.ConfigDict, root: str):
+  """Makes a relative `config.tokenizer.path` absolute when it names a path under `root`.
+
+  A converted export keeps its tokenizer in `export/tokenizer` and records the relative path
+  'tokenizer', so the folder can be moved. Absolute paths (and relative ones that do not exist
+  under `root`, e.g. relative to the working directory) are left as they are.
+  """
+  t = config.get('tokenizer')
+  if t is None or not t.get('path') or os.path.isabs(t.path):
+    return
+  candidate = os.path.join(root, t.path)
+  if os.path.exists(candidate):
+    t.path = candidate
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array):
@@ -100,6 +123,8 @@ class Stage:
     if self._tokenizer is None:
       self._tokenizer = make_tokenizer(self.config)
       text = self.config.model.text
+      if text is None:
+        return self._tokenizer
       if self._tokenizer.vocab_size > text.vocab_size:
         raise ValueError(f'config.model.text.vocab_size: {text.vocab_size} is smaller than the '
                          f'tokenizer vocabulary ({self._tokenizer.vocab_size})')
@@ -109,12 +134,21 @@ class Stage:
     return self._tokenizer
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """'image' [B, S, S, 3] and 'tokens' [B, L]; a one-tower CLIP has only its own input."""
     m = self.config.model
-    size = m.vision.image_size
-    return {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
-            'tokens': jax.ShapeDtypeStruct((batch_size, m.text.context_length), jnp.int32)}
+    spec = {}
+    if m.vision is not None:
+      size = m.vision.image_size
+      spec['image'] = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+    if m.text is not None:
+      spec['tokens'] = jax.ShapeDtypeStruct((batch_size, m.text.context_length), jnp.int32)
+    return spec
 
   def init(self, rng, batch):
+    if 'image' not in batch:
+      return self.model.init(rng, batch['tokens'], method=CLIP.encode_text)
+    if 'tokens' not in batch:
+      return self.model.init(rng, batch['image'], method=CLIP.encode_image)
     return self.model.init(rng, batch['image'], batch['tokens'])
 
   def constants(self):
@@ -231,35 +265,58 @@ class FrozenClip:
   def tokenizer(self):
     return self.stage.tokenizer
 
-  def encode_text(self, tokens: jax.Array, params=None) -> tuple[jax.Array, jax.Array]:
+  def encode_text(self, tokens: jax.Array, params=None,
+                  normalize: bool = True) -> tuple[jax.Array, jax.Array]:
     """Tokens [B, L] → (unit embedding [B, D], token encodings [B, L, width]). Jit-able.
 
+    The token encodings are the text tower's last hidden states after its final LayerNorm
+    (Hugging Face's `last_hidden_state`); the embedding is the projected pooled state,
+    L2-normalised (Hugging Face's `text_embeds` / its norm), or as it is with normalize=False.
     `params` default to the loaded ones; pass them explicitly inside a compiled step.
     """
     params = self.params if params is None else params
-    return self.stage.model.apply({'params': params}, tokens, method=CLIP.encode_text)
+    return self.stage.model.apply({'params': params}, tokens, normalize=normalize,
+                                  method=CLIP.encode_text)
 
-  def encode_image(self, images: jax.Array, params=None) -> jax.Array:
-    """Images [B, H, W, 3] in [-1, 1] → unit embedding [B, D]. Jit-able.
+  def encode_image(self, images: jax.Array, params=None, normalize: bool = True) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] → unit embedding [B, D] (raw with normalize=False).
 
-    Images of another size are resized (bilinear) to the CLIP's input size first.
+    Images of another size are resized (bilinear, whole image, aspect ratio not kept) to the
+    CLIP's input size first; the tower then applies its own pixel normalisation, if any.
     """
     params = self.params if params is None else params
+    if self.config.model.vision is None:
+      raise ValueError(MISSING_TOWER.format(tower='image', flag='vision'))
     size = self.config.model.vision.image_size
     if images.shape[1:3] != (size, size):
       images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
                                 'bilinear')
-    return self.stage.model.apply({'params': params}, images, method=CLIP.encode_image)
+    return self.stage.model.apply({'params': params}, images, normalize=normalize,
+                                  method=CLIP.encode_image)
 
   def token_mask(self, tokens: jax.Array) -> jax.Array:
-    """[B, L] bool: True up to and including the end token (the real caption tokens)."""
-    eot = jnp.argmax(tokens == self.config.model.text.eot_id, axis=-1)
+    """[B, L] bool: True up to and including the end token (the real caption tokens).
+
+    The end token is found by the text tower's own rule (`model.text.pool`).
+    """
+    text = self.config.model.text
+    if text is None:
+      raise ValueError(MISSING_TOWER.format(tower='text', flag='text'))
+    if text.get('pool', 'eot') == 'argmax':
+      eot = jnp.argmax(tokens, axis=-1)
+    else:
+      eot = jnp.argmax(tokens == text.eot_id, axis=-1)
     return jnp.arange(tokens.shape[-1])[None, :] <= eot[:, None]
 
 
 def load_frozen(path: str) -> FrozenClip:
-  """Loads a CLIP saved by `save_frozen` (a CLIP run's `workdir/export`, or the workdir)."""
+  """Loads a CLIP saved by `save_frozen` (a CLIP run's `workdir/export`, or the workdir).
+
+  A relative `config.tokenizer.path` that exists inside the export folder (a converted CLIP's
+  'tokenizer') is resolved against it, so exports can be moved.
+  """
   config, params = export.load_export(path, what='CLIP')
+  resolve_tokenizer_path(config, export.export_dir(path))
   return FrozenClip(Stage(config), params)
 
 

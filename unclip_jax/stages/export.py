@@ -19,12 +19,18 @@ def save_export(path: str, params, config: ml_collections.ConfigDict):
       f.write(config.to_json_best_effort(indent=2))
 
 
-def load_export(path: str, what: str = 'stage') -> tuple[ml_collections.ConfigDict, dict]:
-  """(config, params) from an export directory, or from a run directory holding `export/`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+def export_dir(path: str) -> str:
+  """The absolute export directory of `path`: `path/export` when a run directory holds one."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, 'export')):
     path = os.path.join(path, 'export')
+  return path
+
+
+def load_export(path: str, what: str = 'stage') -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, params) from an export directory, or from a run directory holding `export/`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = export_dir(path)
   config_path = os.path.join(path, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'no exported {what} at {path}: {config_path} is missing (train '

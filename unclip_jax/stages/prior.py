@@ -71,22 +71,39 @@ class Stage:
     self.config = config
     self.clip = load_clip(config) if clip is None else clip
     clip_config = self.clip.config
-    if clip_config.model.vision.image_size != config.data.resolution:
+    vision = clip_config.model.get('vision')
+    if vision and vision.image_size != config.data.resolution:
       raise ValueError(f'config.data.resolution: {config.data.resolution} differs from the '
                        f'CLIP image size {clip_config.model.vision.image_size}')
     self.model = build_model(config, clip_config)
     self.diffusion = build_diffusion(config)
     self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
     self._stats = None
+    self._null_features = None
     self._sample_fn = None
+    self.normalize = config.clip.get('normalize', True)
+    self.null_caption = config.model.get('null_caption', 'learned')
+    if self.null_caption not in ('learned', 'empty_prompt'):
+      raise ValueError(f"config.model.null_caption: {self.null_caption!r} is not 'learned' or "
+                       "'empty_prompt'")
     self.precomputed = bool(config.data.get('embeddings_dir'))
     if self.precomputed:
+      if not self.normalize:
+        raise ValueError('config.data.embeddings_dir: precomputed embeddings are unit-norm, but '
+                         'config.clip.normalize is False')
       from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
       embeddings.check(config.data.embeddings_dir, config.data, self.clip)
 
   @property
   def tokenizer(self):
     return self.clip.tokenizer
+
+  def null_features(self, clip_params):
+    """The empty prompt's CLIP features, batch 1: the unconditional caption of a prior with
+    `model.null_caption = 'empty_prompt'` (karlo's), in place of learned null values."""
+    tokens = jnp.asarray(self.tokenizer(['']))
+    f = self.clip_features(clip_params, {'tokens': tokens})
+    return {k: f[k] for k in ('text_emb', 'token_encodings', 'token_mask')}
 
   # --- training ---------------------------------------------------------------------------------
 
@@ -105,13 +122,15 @@ class Stage:
   def clip_features(self, clip_params, batch):
     """CLIP text embedding [B, D], token encodings [B, L, W], token mask [B, L], image embedding
     (the batch's precomputed 'clip_image_emb', else computed from its 'image', if any)."""
-    text_emb, tokens = self.clip.encode_text(batch['tokens'], clip_params)
+    text_emb, tokens = self.clip.encode_text(batch['tokens'], clip_params,
+                                             normalize=self.normalize)
     features = {'text_emb': text_emb, 'token_encodings': tokens,
                 'token_mask': self.clip.token_mask(batch['tokens'])}
     if 'clip_image_emb' in batch:
       features['image_emb'] = batch['clip_image_emb']
     elif 'image' in batch:
-      features['image_emb'] = self.clip.encode_image(batch['image'], clip_params)
+      features['image_emb'] = self.clip.encode_image(batch['image'], clip_params,
+                                                      normalize=self.normalize)
     return jax.tree.map(jax.lax.stop_gradient, features)
 
   def embedding_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +173,13 @@ class Stage:
     noise = jax.random.normal(rng_noise, x0.shape)
     x_t = self.diffusion.q_sample(x0, t, noise)
     drop = jax.random.bernoulli(rng_drop, self.config.prior.text_drop_prob, (b,))
-    out = apply(x_t, self.diffusion.model_timesteps(t), f['text_emb'], f['token_encodings'],
-                f['token_mask'], drop)
+    caption = (f['text_emb'], f['token_encodings'], f['token_mask'])
+    if self.null_caption == 'empty_prompt':   # dropped captions become the empty prompt
+      null = self.null_features(constants['clip'])
+      caption = tuple(where_rows(drop, null[k], a) for k, a in
+                      zip(('text_emb', 'token_encodings', 'token_mask'), caption))
+      drop = None
+    out = apply(x_t, self.diffusion.model_timesteps(t), *caption, drop)
     losses = self.diffusion.training_losses(out, x0, t, noise)
     pred = _unit(apply(out, method=DiffusionPrior.denormalize))
     metrics = {'mse': losses['mse'].mean(),
@@ -170,7 +194,8 @@ class Stage:
 
   # --- sampling ---------------------------------------------------------------------------------
 
-  def sample_fn(self, params, text_emb, token_encodings, token_mask, rng, noise=None):
+  def sample_fn(self, params, text_emb, token_encodings, token_mask, rng, noise=None,
+                null=None):
     """Image embeddings for captions: pure, jit-able (see `sample_embeddings`).
 
     Args:
@@ -178,8 +203,11 @@ class Stage:
       text_emb [B, D], token_encodings [B, L, W], token_mask [B, L]: the frozen CLIP's features.
       rng: PRNG key.
       noise: optional initial noise [B * num_candidates, D] for exact reproducibility.
+      null: `null_features(clip_params)`, required for guidance when the unconditional caption
+        is the empty prompt (`model.null_caption = 'empty_prompt'`).
     Returns:
-      (best unit embedding [B, D], all candidates [B, K, D], their dots with text [B, K]).
+      (best embedding [B, D], all candidates [B, K, D], their dots with text [B, K]); unit
+      vectors unless `config.clip.normalize` is False.
     """
     s = self.config.sampling
     k = s.num_candidates
@@ -190,6 +218,15 @@ class Stage:
 
     if s.guidance_scale == 1.0:
       model_fn = lambda x, t: apply(x, t, *cond)
+    elif self.null_caption == 'empty_prompt':
+      if null is None:
+        raise ValueError('this prior is guided by the empty prompt: pass '
+                         'null=stage.null_features(clip_params)')
+      uncond = tuple(jnp.broadcast_to(null[n], a.shape) for n, a in
+                     zip(('text_emb', 'token_encodings', 'token_mask'), cond))
+      both = tuple(jnp.concatenate([a, u]) for a, u in zip(cond, uncond))
+      model_fn = samplers.classifier_free_guidance(
+          lambda x2, t2: apply(x2, t2, *both), s.guidance_scale, learned_variance=False)
     else:
       both = tuple(jnp.concatenate([a, a]) for a in cond)
       drop = jnp.concatenate([jnp.zeros((b * k,), bool), jnp.ones((b * k,), bool)])
@@ -197,7 +234,10 @@ class Stage:
           lambda x2, t2: apply(x2, t2, *both, drop), s.guidance_scale, learned_variance=False)
     x = samplers.sample(self.sampling_diffusion, model_fn, (b * k, d), rng, s, noise=noise,
                         clip_range=s.clip_range)
-    candidates = _unit(apply(x, method=DiffusionPrior.denormalize)).reshape(b, k, d)
+    candidates = apply(x, method=DiffusionPrior.denormalize)
+    if self.normalize:
+      candidates = _unit(candidates)
+    candidates = candidates.reshape(b, k, d)
     scores = jnp.einsum('bkd,bd->bk', candidates, text_emb)
     best = jnp.take_along_axis(candidates, jnp.argmax(scores, 1)[:, None, None], 1)[:, 0]
     return best, candidates, scores
@@ -210,7 +250,15 @@ class Stage:
       self._features_fn = jax.jit(self.clip_features)
     f = self._features_fn(self.clip.params, {'tokens': tokens})
     return self._sample_fn(params, f['text_emb'], f['token_encodings'], f['token_mask'], rng,
-                           noise)
+                           noise, self._null())
+
+  def _null(self):
+    """`null_features` of the loaded CLIP when this prior needs them, else None."""
+    if self.null_caption != 'empty_prompt':
+      return None
+    if self._null_features is None:
+      self._null_features = jax.jit(self.null_features)(self.clip.params)
+    return self._null_features
 
   # --- evaluation -------------------------------------------------------------------------------
 
@@ -233,7 +281,7 @@ class Stage:
       if self._sample_fn is None:
         self._sample_fn = jax.jit(self.sample_fn)
       best, _, _ = self._sample_fn(params, f['text_emb'], f['token_encodings'], f['token_mask'],
-                                   jax.random.fold_in(rng, i))
+                                   jax.random.fold_in(rng, i), None, self._null())
       keep = min(e.batch_size, n - i)
       preds.append(np.asarray(clip_stage.to_host(best))[:keep])
       texts.append(np.asarray(clip_stage.to_host(f['text_emb']))[:keep])
@@ -261,6 +309,11 @@ def load_prior(path: str, clip: Optional[clip_stage.FrozenClip] = None):
   """(Stage, params) of a trained prior (a prior run's workdir or its export/)."""
   config, params = export.load_export(path, what='prior')
   return Stage(config, clip=clip), params
+
+
+def where_rows(rows: jax.Array, replacement: jax.Array, x: jax.Array) -> jax.Array:
+  """x with the rows where `rows` [B] is True replaced by `replacement` [1, ...]."""
+  return jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), replacement, x)
 
 
 def _unit(x: jax.Array) -> jax.Array:

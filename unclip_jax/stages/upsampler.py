@@ -38,10 +38,13 @@ def downsample(images: jax.Array, size: int) -> jax.Array:
                           antialias=True)
 
 
-def upsample(images: jax.Array, size: int) -> jax.Array:
-  """[B, h, w, C] → [B, size, size, C], bicubic, clipped to [-1, 1]."""
-  up = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), 'cubic')
-  return jnp.clip(up, -1.0, 1.0)
+def upsample(images: jax.Array, size: int | tuple[int, int], clip: bool = True) -> jax.Array:
+  """[B, h, w, C] → [B, size, size, C] (or [B, *size, C]), bicubic, clipped to [-1, 1] when
+  `clip`. The same values as PyTorch's bicubic `interpolate` with antialias=True (Keys' cubic
+  with a = -0.5), which karlo uses."""
+  h, w = (size, size) if isinstance(size, int) else size
+  up = jax.image.resize(images, (images.shape[0], h, w, images.shape[3]), 'cubic')
+  return jnp.clip(up, -1.0, 1.0) if clip else up
 
 
 def random_crops(rng, arrays: tuple[jax.Array, ...], size: int) -> tuple[jax.Array, ...]:
@@ -98,6 +101,10 @@ class Stage:
     self.diffusion = build_diffusion(config)
     self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
     self.learned_variance = config.diffusion.var_type == 'learned_range'
+    self.clip_conditioning = config.upsampler.get('clip_conditioning', True)
+    # karlo's super-resolution: params {'all_but_last': ..., 'last': ...}, the second model
+    # taking the last sampling step.
+    self.last_step_model = config.upsampler.get('last_step_model', False)
     self._jitted = {}
 
   tokenizer = None
@@ -119,7 +126,12 @@ class Stage:
   def init(self, rng, batch):
     b = batch['image'].shape[0]
     size = self.config.upsampler.crop_size or self.high_res
-    return self.model.init(rng, jnp.zeros((b, size, size, 6)), jnp.zeros((b,), jnp.int32))
+    init = lambda key: self.model.init(key, jnp.zeros((b, size, size, 6)),
+                                       jnp.zeros((b,), jnp.int32))
+    if self.last_step_model:
+      first, last = (init(k) for k in jax.random.split(rng))
+      return {'params': {'all_but_last': first['params'], 'last': last['params']}}
+    return init(rng)
 
   def conditioning(self, images: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
     """Full-resolution images → their low-resolution version, degraded when `rng` is given
@@ -131,6 +143,9 @@ class Stage:
 
   def loss(self, params, batch, rng, constants):
     del constants
+    if self.last_step_model:
+      raise ValueError('config.upsampler.last_step_model: a two-model upsampler (converted from '
+                       'karlo) samples only; train a single-model upsampler instead')
     rng_degrade, rng_crop, rng_t, rng_noise, rng_dropout = jax.random.split(rng, 5)
     x0 = batch['image']
     cond = self.conditioning(x0, rng_degrade)
@@ -165,12 +180,18 @@ class Stage:
     """
     s, scale = self.config.sampling, self.config.upsampler.scale
     b, h, w = low_res.shape[:3]
-    cond = jnp.clip(jax.image.resize(low_res, (b, h * scale, w * scale, 3), 'cubic'), -1, 1)
-    apply = functools.partial(self.model.apply, {'params': params})
-    model_fn = lambda x, t: apply(jnp.concatenate([x, cond], -1), t)
+    cond = upsample(low_res, (h * scale, w * scale), clip=self.clip_conditioning)
+    apply = lambda p, x, t: self.model.apply({'params': p}, jnp.concatenate([x, cond], -1), t)
+    if self.last_step_model:
+      last_t = int(self.sampling_diffusion.host_timestep_map[0])   # the final step's timestep
+      model_fn = lambda x, t: jax.lax.cond(t[0] == last_t,
+                                           lambda: apply(params['last'], x, t),
+                                           lambda: apply(params['all_but_last'], x, t))
+    else:
+      model_fn = functools.partial(apply, params)
     shape = (b, h * scale, w * scale, 3)
     images = samplers.sample(self.sampling_diffusion, model_fn, shape, rng, s, noise=noise,
-                             clip_range=1.0)
+                             clip_range=s.get('clip_range', 1.0))
     return jnp.clip(images, -1.0, 1.0)
 
   def upsample_images(self, params, low_res, rng, noise=None) -> jax.Array:
