@@ -14,7 +14,7 @@ import pytest
 
 from unclip_jax.convert import clip as convert
 from unclip_jax.convert import torch_io
-from unclip_jax.data.tokenizers import bytes_to_unicode
+from tests.helpers import tiny_clip_vocab
 from unclip_jax.models.clip import CLIP
 from unclip_jax.stages import clip as clip_stage
 
@@ -23,18 +23,7 @@ transformers = pytest.importorskip('transformers')
 
 TOL = 1e-4
 CONTEXT = 16
-MERGES = [('t', 'h'), ('th', 'e</w>'), ('c', 'a'), ('ca', 't</w>'), ('d', 'o'), ('do', 'g</w>'),
-          ('p', 'h'), ('o', 't'), ('ph', 'ot'), ('phot', 'o</w>'), ('o', 'f</w>')]
-
-
-def _vocab():
-  """A tiny CLIP BPE vocabulary: the 512 byte tokens, the merges, then sot and eot."""
-  chars = list(bytes_to_unicode().values())
-  tokens = chars + [c + '</w>' for c in chars] + [a + b for a, b in MERGES]
-  return {t: i for i, t in enumerate(tokens + ['<|startoftext|>', '<|endoftext|>'])}
-
-
-VOCAB = _vocab()
+VOCAB, MERGES = tiny_clip_vocab()
 SOT, EOT = VOCAB['<|startoftext|>'], VOCAB['<|endoftext|>']
 TEXT = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=CONTEXT, bos_token_id=SOT,
