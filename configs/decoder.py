@@ -42,6 +42,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.clip_emb_scale = ml_collections.config_dict.placeholder(float)  # None: sqrt(D)
   c.model.caption_encoder = 'clip'    # 'clip': frozen CLIP hidden states projected (karlo);
                                       # 'transformer': the decoder's own (GLIDE)
+  c.model.text_emb_to_time = False    # karlo: Dense(CLIP text embedding) joins the time embedding
+  c.model.caption_norm = False        # karlo: LayerNorm on the projected caption states
   c.model.caption_transformer = ml_collections.ConfigDict(dict(
       width=64, depth=2, num_heads=4, remat=False, scan=False))
 

@@ -125,6 +125,9 @@ class UnclipPipeline:
       if part is not None and part[0].clip.config.model.embed_dim != dim:
         raise ValueError(f'the {name} was trained on a CLIP with '
                          f'{part[0].clip.config.model.embed_dim}-d embeddings, not {dim}')
+    if prior is not None and decoder is not None and prior[0].normalize != decoder[0].normalize:
+      raise ValueError('the prior and the decoder disagree on config.clip.normalize (unit-norm '
+                       'or raw CLIP embeddings): they were not trained together')
     size = decoder[0].config.data.resolution if decoder is not None else None
     for i, (stage, _) in enumerate(self.upsamplers):
       if size is not None and stage.low_res != size:
@@ -240,34 +243,54 @@ class UnclipPipeline:
   def _prior_call(self, stage):
     def run(params, clip_params, tokens, rng, noise):
       f = stage.clip_features(clip_params, {'tokens': tokens})
+      null = stage.null_features(clip_params) if stage.null_caption == 'empty_prompt' else None
       best, _, scores = stage.sample_fn(params, f['text_emb'], f['token_encodings'],
-                                        f['token_mask'], rng, noise)
+                                        f['token_mask'], rng, noise, null)
       return best, scores, f['text_emb']
     return self._jit(('prior', id(stage)), run)
 
   def _decoder_call(self, stage):
+    empty_prompt = stage.null_caption == 'empty_prompt'
+
     def run(params, clip_params, clip_emb, tokens, use_caption, rng, noise):
       f = stage.clip_features(clip_params, {'tokens': tokens})
-      mask = f['caption_mask'] & use_caption[:, None]
-      return stage.sample_fn(params, clip_emb, f['caption'], mask, rng, noise)
+      # Without a caption the tokens are the empty prompt's, which an 'empty_prompt' decoder
+      # (karlo's) reads as its unconditional caption; ours mask the caption out.
+      mask = f['caption_mask'] if empty_prompt else f['caption_mask'] & use_caption[:, None]
+      null = stage.null_features(clip_params) if empty_prompt else None
+      return stage.sample_fn(params, clip_emb, f['caption'], mask, rng, noise, f.get('text_emb'),
+                             null)
     return self._jit(('decoder', id(stage)), run)
 
   def _upsampler_call(self, stage):
     return self._jit(('upsampler', id(stage)), stage.sample_fn)
 
+  @property
+  def _normalize(self) -> bool:
+    """Whether the stages use unit-norm CLIP embeddings (ours) or raw ones (karlo's)."""
+    for part in self._stages.values():
+      if part is not None:
+        return part[0].normalize
+    return True
+
   def _image_embedder(self):
-    return self._jit(('clip_image',), self.clip.encode_image)
+    normalize = self._normalize
+    return self._jit(('clip_image',), lambda images, p: self.clip.encode_image(
+        images, p, normalize=normalize))
 
   # --- generation -------------------------------------------------------------------------------
 
   def image_embeddings(self, images: np.ndarray) -> np.ndarray:
-    """Images [B, H, W, 3] in [-1, 1] → unit CLIP image embeddings [B, D]."""
+    """Images [B, H, W, 3] in [-1, 1] → CLIP image embeddings [B, D] (unit vectors unless
+    the stages use raw embeddings, `config.clip.normalize = False`)."""
     return np.asarray(self._image_embedder()(jnp.asarray(images, jnp.float32), self.clip.params))
 
   def text_embeddings(self, prompts: Sequence[str], truncate: bool = False) -> np.ndarray:
-    """Prompts → unit CLIP text embeddings [B, D]."""
+    """Prompts → CLIP text embeddings [B, D] (unit vectors unless the stages use raw ones)."""
     tokens = self.encode_prompts(prompts, truncate)
-    fn = self._jit(('clip_text',), lambda p, t: self.clip.encode_text(t, p)[0])
+    normalize = self._normalize
+    fn = self._jit(('clip_text',), lambda p, t: self.clip.encode_text(t, p,
+                                                                      normalize=normalize)[0])
     return np.asarray(fn(self.clip.params, tokens))
 
   def text_to_image(self, prompts: Sequence[str], *, seed: int = 0,
@@ -389,6 +412,9 @@ class UnclipPipeline:
 
   def _image_input(self, image) -> np.ndarray:
     """A path or an [H, W, 3] array in [-1, 1] → [1, H, W, 3] (paths read at the CLIP's size)."""
+    if not self.clip.config.model.get('vision'):
+      raise ValueError('this CLIP has no image tower, which image variations, interpolations '
+                       'and text diffs need; convert one with --vision')
     if isinstance(image, (str, os.PathLike)):
       image = load_image(os.fspath(image), self.clip.config.model.vision.image_size)
     image = np.asarray(image, np.float32)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unclip_jax.convert.diffusers_unet import convert_unet2d, unet_kwargs
 from unclip_jax.models.unet import AttentionBlock, ResBlock, UNet
 
 CONTEXT_DIM = 8
@@ -244,7 +245,8 @@ def test_misuse_raises_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with diffusers' UNet2DModel, whose blocks match ADM's at these configs.
+# Parity with diffusers' UNet2DModel, whose blocks match ADM's at these configs (the mapping is
+# unclip_jax.convert.diffusers_unet's; tests/convert covers karlo's decoder and upsamplers).
 
 
 def _diffusers_model(resblock_updown, scale_shift, attention, groups=32):
@@ -265,59 +267,6 @@ def _diffusers_model(resblock_updown, scale_shift, attention, groups=32):
       resnet_time_scale_shift='scale_shift' if scale_shift else 'default').eval()
 
 
-def _from_diffusers(state):
-  """diffusers UNet2DModel state dict (2 levels) → our params."""
-  w = {k: v.detach().numpy() for k, v in state.items()}
-  conv = lambda p: {'kernel': w[p + '.weight'].transpose(2, 3, 1, 0), 'bias': w[p + '.bias']}
-  norm = lambda p: {'scale': w[p + '.weight'], 'bias': w[p + '.bias']}
-  linear = lambda p: {'kernel': w[p + '.weight'].T, 'bias': w[p + '.bias']}
-
-  def res(p):
-    out = {'norm_in': norm(p + '.norm1'), 'conv_in': conv(p + '.conv1'),
-           'norm_out': norm(p + '.norm2'), 'conv_out': conv(p + '.conv2'),
-           'emb_proj': linear(p + '.time_emb_proj')}
-    c = out['conv_in']['bias'].shape[0]
-    if out['emb_proj']['bias'].shape[0] == 2 * c:
-      out['emb_proj'] = {'kernel': out['emb_proj']['kernel'].reshape(-1, 2, c),
-                         'bias': out['emb_proj']['bias'].reshape(2, c)}
-    if p + '.conv_shortcut.weight' in w:
-      out['skip'] = conv(p + '.conv_shortcut')
-    return out
-
-  def attn(p, head_dim=32):
-    q, k, v = (linear(f'{p}.to_{n}') for n in 'qkv')
-    c = q['bias'].shape[0]
-    heads = c // head_dim
-    qkv_kernel = np.stack([q['kernel'], k['kernel'], v['kernel']], 1)
-    qkv_bias = np.stack([q['bias'], k['bias'], v['bias']])
-    return {'norm': norm(p + '.group_norm'),
-            'qkv': {'kernel': qkv_kernel.reshape(c, 3, heads, head_dim),
-                    'bias': qkv_bias.reshape(3, heads, head_dim)},
-            'out': {'kernel': w[p + '.to_out.0.weight'].T.reshape(heads, head_dim, c),
-                    'bias': w[p + '.to_out.0.bias']}}
-
-  def resample(p):
-    return {'conv': conv(p + '.conv')} if p + '.conv.weight' in w else res(p)
-
-  params = {'conv_in': conv('conv_in'), 'time_fc1': linear('time_embedding.linear_1'),
-            'time_fc2': linear('time_embedding.linear_2'), 'norm_out': norm('conv_norm_out'),
-            'conv_out': conv('conv_out'), 'mid_res_0': res('mid_block.resnets.0'),
-            'mid_res_1': res('mid_block.resnets.1'),
-            'down_0_downsample': resample('down_blocks.0.downsamplers.0'),
-            'up_1_upsample': resample('up_blocks.0.upsamplers.0')}
-  if 'mid_block.attentions.0.to_q.weight' in w:
-    params['mid_attn'] = attn('mid_block.attentions.0')
-  for level in range(2):
-    params[f'down_{level}_res_0'] = res(f'down_blocks.{level}.resnets.0')
-    for i in range(2):
-      params[f'up_{level}_res_{i}'] = res(f'up_blocks.{1 - level}.resnets.{i}')
-  for key in [k for k in w if k.endswith('to_q.weight') and 'mid_block' not in k]:
-    block, level, _, i = key.split('.')[:4]
-    ours = f'down_{level}_attn_{i}' if block == 'down_blocks' else f'up_{1 - int(level)}_attn_{i}'
-    params[ours] = attn(key[:-len('.to_q.weight')])
-  return jax.tree.map(jnp.asarray, params)
-
-
 @pytest.mark.parametrize('resblock_updown,scale_shift,attention,groups',
                          [(True, True, True, 32), (False, False, False, 8)])
 def test_matches_diffusers_unet2d(resblock_updown, scale_shift, attention, groups):
@@ -328,7 +277,12 @@ def test_matches_diffusers_unet2d(resblock_updown, scale_shift, attention, group
                resblock_updown=resblock_updown, use_scale_shift_norm=scale_shift,
                norm_groups=groups)
   x, t = _normal((2, 16, 16, 3), 1), jnp.array([3, 700])
-  params = _from_diffusers(reference.state_dict())
+  params = jax.tree.map(jnp.asarray, convert_unet2d(reference.state_dict(), reference.config))
+  assert unet_kwargs(reference.config) == dict(
+      model_channels=32, out_channels=6, num_res_blocks=1, channel_mult=(1, 2),
+      attention_resolutions=(2,) if attention else (), num_head_channels=32 if attention else 64,
+      resblock_updown=resblock_updown, use_scale_shift_norm=scale_shift, norm_groups=groups,
+      context_dim=None)
   expected_tree = jax.eval_shape(model.init, _key(), x, t)['params']
   assert jax.tree.map(jnp.shape, nn.unbox(expected_tree)) == jax.tree.map(jnp.shape, params)
   num_params = sum(p.numel() for p in reference.parameters())

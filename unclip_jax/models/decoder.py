@@ -6,6 +6,12 @@ caption's token sequence, which every attention layer attends to (GLIDE's encode
 is either the frozen CLIP text tower's hidden states projected (karlo) or the decoder's own text
 transformer over the tokens (GLIDE). For classifier-free guidance, `drop_clip` replaces the CLIP
 embedding with a learned null embedding and `drop_text` removes the caption tokens from attention.
+
+Karlo's variant (kakaobrain, diffusers' UnCLIPTextProjModel) also adds a projection of the
+caption's CLIP text embedding to the timestep embedding (`text_emb_to_time`), layer-normalises the
+projected caption states (`caption_norm`) and does not scale the CLIP embedding
+(`clip_emb_scale=1.0`); its unconditional input is the null CLIP embedding with the EMPTY PROMPT's
+caption (drop_clip on, drop_text off).
 """
 
 from typing import Any, Optional
@@ -60,6 +66,10 @@ class UnclipDecoder(nn.Module):
       a unit-norm embedding then has components of unit variance, on the scale of the timestep
       embedding it is added to (with 1.0 a unit embedding's signal starts ~sqrt(D) times weaker
       and the decoder is slow to learn to use it). Use 1.0 for embeddings that are not unit-norm.
+      The text embedding of `text_emb_to_time` is scaled alike.
+    text_emb_to_time: also add Dense(text_emb) to the timestep embedding (karlo); `text_emb`
+      [B, D] is then required.
+    caption_norm: LayerNorm on the projected caption states (karlo).
   """
   unet: dict
   clip_dim: int
@@ -68,12 +78,15 @@ class UnclipDecoder(nn.Module):
   caption_encoder: str = 'clip'
   caption_transformer: Optional[dict] = None
   clip_emb_scale: Optional[float] = None
+  text_emb_to_time: bool = False
+  caption_norm: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_t: jax.Array, t: jax.Array, clip_emb: jax.Array, caption: jax.Array,
                caption_mask: jax.Array, drop_clip: Optional[jax.Array] = None,
-               drop_text: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+               drop_text: Optional[jax.Array] = None, train: bool = False,
+               text_emb: Optional[jax.Array] = None) -> jax.Array:
     """
     Args:
       x_t: noised images [B, H, W, C].
@@ -81,8 +94,10 @@ class UnclipDecoder(nn.Module):
       clip_emb: CLIP image embeddings [B, D].
       caption: [B, L, W] CLIP hidden states ('clip') or [B, L] token ids ('transformer').
       caption_mask: [B, L] bool, True for real caption tokens.
-      drop_clip, drop_text: [B] bool, classifier-free-guidance drops.
+      drop_clip, drop_text: [B] bool, classifier-free-guidance drops (`drop_text` also zeroes
+        `text_emb`).
       train: enables dropout (needs a 'dropout' rng).
+      text_emb: [B, D] CLIP text embeddings of the captions; required iff `text_emb_to_time`.
     Returns:
       [B, H, W, out_channels] float32.
     """
@@ -95,10 +110,39 @@ class UnclipDecoder(nn.Module):
     clip_emb = clip_emb.astype(jnp.float32) * scale
     time_width = self.unet['model_channels'] * 4
     emb_extra = dense(time_width, ('proj', 'mlp'), dtype=self.dtype, name='clip_to_time')(clip_emb)
+    text_emb = self._text_emb(text_emb, drop_text, b)
+    if text_emb is not None:
+      emb_extra = emb_extra + dense(time_width, ('proj', 'mlp'), dtype=self.dtype,
+                                    name='text_to_time')(text_emb * scale)
     clip_tokens = dense(self.num_clip_tokens * self.context_width, ('proj', 'mlp'),
                         dtype=self.dtype, name='clip_to_tokens')(clip_emb)
     clip_tokens = clip_tokens.reshape(b, self.num_clip_tokens, self.context_width)
 
+    states = self._caption_states(caption, caption_mask)
+    mask = caption_mask if drop_text is None else caption_mask & ~drop_text[:, None]
+    context = jnp.concatenate([clip_tokens.astype(self.dtype), states.astype(self.dtype)], 1)
+    context_mask = jnp.concatenate([jnp.ones((b, self.num_clip_tokens), bool), mask], 1)
+    return UNet(context_dim=self.context_width, dtype=self.dtype, name='unet', **self.unet)(
+        x_t, t, emb_extra=emb_extra, encoder_states=context, encoder_mask=context_mask,
+        train=train)
+
+  def _text_emb(self, text_emb, drop_text, batch):
+    """The float32 text embedding [B, D] for `text_emb_to_time` (zero where dropped), or None."""
+    if not self.text_emb_to_time:
+      if text_emb is not None:
+        raise ValueError('text_emb given to an UnclipDecoder with text_emb_to_time=False')
+      return None
+    if text_emb is None or text_emb.shape != (batch, self.clip_dim):
+      got = 'none' if text_emb is None else text_emb.shape
+      raise ValueError(f'UnclipDecoder(text_emb_to_time=True) needs text_emb [B, D] = '
+                       f'{(batch, self.clip_dim)} (the captions\' CLIP text embeddings), got {got}')
+    text_emb = text_emb.astype(jnp.float32)
+    if drop_text is not None:
+      text_emb = jnp.where(drop_text[:, None], 0.0, text_emb)
+    return text_emb
+
+  def _caption_states(self, caption, caption_mask):
+    """Caption → context tokens [B, L, context_width] (projected, optionally layer-normed)."""
     if self.caption_encoder == 'clip':
       states = dense(self.context_width, ('embed_in', 'embed'), dtype=self.dtype,
                      name='caption_proj')(caption.astype(self.dtype))
@@ -110,9 +154,6 @@ class UnclipDecoder(nn.Module):
     else:
       raise ValueError(f"caption_encoder {self.caption_encoder!r} is not 'clip' or "
                        "'transformer'")
-    mask = caption_mask if drop_text is None else caption_mask & ~drop_text[:, None]
-    context = jnp.concatenate([clip_tokens.astype(self.dtype), states.astype(self.dtype)], 1)
-    context_mask = jnp.concatenate([jnp.ones((b, self.num_clip_tokens), bool), mask], 1)
-    return UNet(context_dim=self.context_width, dtype=self.dtype, name='unet', **self.unet)(
-        x_t, t, emb_extra=emb_extra, encoder_states=context, encoder_mask=context_mask,
-        train=train)
+    if self.caption_norm:
+      states = LayerNorm(self.dtype, name='caption_norm')(states)
+    return states

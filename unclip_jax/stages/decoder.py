@@ -43,6 +43,8 @@ def build_model(config, clip_config) -> UnclipDecoder:
                        num_clip_tokens=m.num_clip_tokens, caption_encoder=m.caption_encoder,
                        caption_transformer=caption_transformer,
                        clip_emb_scale=m.get('clip_emb_scale'),
+                       text_emb_to_time=m.get('text_emb_to_time', False),
+                       caption_norm=m.get('caption_norm', False),
                        dtype=clip_stage.DTYPES[config.dtype])
 
 
@@ -63,11 +65,21 @@ class Stage:
     self.diffusion = build_diffusion(config)
     self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
     self.learned_variance = config.diffusion.var_type == 'learned_range'
+    self.normalize = config.clip.get('normalize', True)
+    self.text_emb_to_time = config.model.get('text_emb_to_time', False)
+    self.null_caption = config.model.get('null_caption', 'learned')
+    if self.null_caption not in ('learned', 'empty_prompt'):
+      raise ValueError(f"config.model.null_caption: {self.null_caption!r} is not 'learned' or "
+                       "'empty_prompt'")
     self.precomputed = bool(config.data.get('embeddings_dir'))
     if self.precomputed:
+      if not self.normalize:
+        raise ValueError('config.data.embeddings_dir: precomputed embeddings are unit-norm, but '
+                         'config.clip.normalize is False')
       from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
       embeddings.check(config.data.embeddings_dir, config.data, self.clip)
     self._jitted = {}
+    self._null_features = None
 
   @property
   def tokenizer(self):
@@ -82,15 +94,41 @@ class Stage:
     batch['image'] (absent if neither is).
     """
     features = {'caption_mask': self.clip.token_mask(batch['tokens'])}
-    if self.config.model.caption_encoder == 'clip':
-      _, features['caption'] = self.clip.encode_text(batch['tokens'], clip_params)
-    else:
-      features['caption'] = batch['tokens']
+    if self.config.model.caption_encoder == 'clip' or self.text_emb_to_time:
+      text_emb, states = self.clip.encode_text(batch['tokens'], clip_params,
+                                               normalize=self.normalize)
+      if self.text_emb_to_time:
+        features['text_emb'] = text_emb
+    features['caption'] = (states if self.config.model.caption_encoder == 'clip'
+                           else batch['tokens'])
     if 'clip_image_emb' in batch:
       features['clip_emb'] = batch['clip_image_emb']
     elif 'image' in batch:
-      features['clip_emb'] = self.clip.encode_image(batch['image'], clip_params)
+      features['clip_emb'] = self.clip.encode_image(batch['image'], clip_params,
+                                                     normalize=self.normalize)
     return jax.tree.map(jax.lax.stop_gradient, features)
+
+  def null_features(self, clip_params):
+    """The empty prompt's caption features, batch 1: the unconditional caption of a decoder
+    with `model.null_caption = 'empty_prompt'` (karlo's), in place of a masked-out caption."""
+    f = self.clip_features(clip_params, {'tokens': jnp.asarray(self.tokenizer(['']))})
+    f.pop('clip_emb', None)
+    return f
+
+  def _null(self):
+    """`null_features` of the loaded CLIP when this decoder needs them, else None."""
+    if self.null_caption != 'empty_prompt':
+      return None
+    if self._null_features is None:
+      self._null_features = jax.jit(self.null_features)(self.clip.params)
+    return self._null_features
+
+  def _apply(self, params, x_t, t, clip_emb, caption, drop_clip=None, drop_text=None,
+             **kwargs):
+    """The model on a caption dict {'caption', 'caption_mask'[, 'text_emb']}."""
+    extra = {'text_emb': caption['text_emb']} if self.text_emb_to_time else {}
+    return self.model.apply({'params': params}, x_t, t, clip_emb, caption['caption'],
+                            caption['caption_mask'], drop_clip, drop_text, **extra, **kwargs)
 
   # --- training ---------------------------------------------------------------------------------
 
@@ -111,8 +149,11 @@ class Stage:
     b = batch['image'].shape[0]
     f = jax.eval_shape(self.clip_features, self.clip.params, batch)
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    caption = {k: zeros(v) for k, v in f.items() if k != 'clip_emb'}
+    caption['caption_mask'] = jnp.ones((b, batch['tokens'].shape[1]), bool)
     return self.model.init(rng, batch['image'], jnp.zeros((b,), jnp.int32), zeros(f['clip_emb']),
-                           zeros(f['caption']), jnp.ones((b, batch['tokens'].shape[1]), bool))
+                           caption['caption'], caption['caption_mask'],
+                           **({'text_emb': caption['text_emb']} if self.text_emb_to_time else {}))
 
   def loss(self, params, batch, rng, constants):
     f = self.clip_features(constants['clip'], batch)
@@ -125,9 +166,13 @@ class Stage:
     d = self.config.decoder
     drop_clip = jax.random.bernoulli(rng_clip, d.clip_drop_prob, (b,))
     drop_text = jax.random.bernoulli(rng_text, d.text_drop_prob, (b,))
-    out = self.model.apply({'params': params}, x_t, self.diffusion.model_timesteps(t),
-                           f['clip_emb'], f['caption'], f['caption_mask'], drop_clip, drop_text,
-                           train=True, rngs={'dropout': rng_dropout})
+    caption = {k: v for k, v in f.items() if k != 'clip_emb'}
+    if self.null_caption == 'empty_prompt':   # dropped captions become the empty prompt
+      null = self.null_features(constants['clip'])
+      caption = {k: prior_stage.where_rows(drop_text, null[k], v) for k, v in caption.items()}
+      drop_text = None
+    out = self._apply(params, x_t, self.diffusion.model_timesteps(t), f['clip_emb'], caption,
+                      drop_clip, drop_text, train=True, rngs={'dropout': rng_dropout})
     gamma = self.config.diffusion.get('min_snr_gamma')
     mse_weights = None if gamma is None else self.diffusion.min_snr_weights(t, gamma)
     losses = self.diffusion.training_losses(out, x0, t, noise, mse_weights=mse_weights)
@@ -141,27 +186,44 @@ class Stage:
 
   # --- sampling ---------------------------------------------------------------------------------
 
-  def sample_fn(self, params, clip_emb, caption, caption_mask, rng, noise=None):
+  def sample_fn(self, params, clip_emb, caption, caption_mask, rng, noise=None, text_emb=None,
+                null=None):
     """Images [B, H, W, 3] in [-1, 1] for CLIP embeddings and captions: pure, jit-able.
 
     With guidance_scale != 1 the conditional and the unconditional (null CLIP embedding, no
-    caption) halves run as one batch of 2B per step.
+    caption — or the empty prompt's caption for `model.null_caption = 'empty_prompt'`, which
+    then needs `null=null_features(clip_params)`) halves run as one batch of 2B per step.
+    `text_emb` [B, D] (the caption's CLIP text embedding) is required by decoders with
+    `model.text_emb_to_time` (karlo's).
     """
     s = self.config.sampling
     b = clip_emb.shape[0]
     r = self.config.data.resolution
-    apply = functools.partial(self.model.apply, {'params': params})
+    cond = {'caption': caption, 'caption_mask': caption_mask}
+    if self.text_emb_to_time:
+      if text_emb is None:
+        raise ValueError('this decoder adds the CLIP text embedding to its timestep embedding '
+                         '(model.text_emb_to_time): pass text_emb')
+      cond['text_emb'] = text_emb
+    apply = functools.partial(self._apply, params)
+    twice = lambda a: jnp.concatenate([a, a])
+    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
     if s.guidance_scale == 1.0:
-      model_fn = lambda x, t: apply(x, t, clip_emb, caption, caption_mask)
-    else:
-      twice = lambda a: jnp.concatenate([a, a])
-      drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+      model_fn = lambda x, t: apply(x, t, clip_emb, cond)
+    elif self.null_caption == 'empty_prompt':
+      if null is None:
+        raise ValueError('this decoder is guided by the empty prompt: pass '
+                         'null=stage.null_features(clip_params)')
+      both = {k: jnp.concatenate([v, jnp.broadcast_to(null[k], v.shape)]) for k, v in cond.items()}
       model_fn = samplers.classifier_free_guidance(
-          lambda x2, t2: apply(x2, t2, twice(clip_emb), twice(caption), twice(caption_mask),
-                               drop, drop),
+          lambda x2, t2: apply(x2, t2, twice(clip_emb), both, drop),
+          s.guidance_scale, learned_variance=self.learned_variance)
+    else:
+      model_fn = samplers.classifier_free_guidance(
+          lambda x2, t2: apply(x2, t2, twice(clip_emb), jax.tree.map(twice, cond), drop, drop),
           s.guidance_scale, learned_variance=self.learned_variance)
     images = samplers.sample(self.sampling_diffusion, model_fn, (b, r, r, 3), rng, s,
-                             noise=noise, clip_range=1.0)
+                             noise=noise, clip_range=s.get('clip_range', 1.0))
     return jnp.clip(images, -1.0, 1.0)
 
   def _compiled(self, name, fn):
@@ -173,7 +235,8 @@ class Stage:
     """Images for CLIP image embeddings [B, D] and caption tokens [B, L] (one compiled call)."""
     f = self._compiled('features', self.clip_features)(self.clip.params, {'tokens': tokens})
     return self._compiled('sample', self.sample_fn)(params, clip_emb, f['caption'],
-                                                    f['caption_mask'], rng, noise)
+                                                    f['caption_mask'], rng, noise,
+                                                    f.get('text_emb'), self._null())
 
   def variations(self, params, image: np.ndarray, num: int, rng,
                  caption: str = '') -> jax.Array:
@@ -186,9 +249,13 @@ class Stage:
     batch = {'image': jnp.asarray(image)[None], 'tokens': self.tokenizer([caption])}
     f = self._compiled('features', self.clip_features)(self.clip.params, batch)
     repeat = lambda a: jnp.repeat(a, num, axis=0)
-    mask = f['caption_mask'] if caption else jnp.zeros_like(f['caption_mask'])
+    mask = f['caption_mask']
+    if not caption and self.null_caption == 'learned':
+      mask = jnp.zeros_like(mask)   # no caption; an 'empty_prompt' decoder reads '' as one
+    text_emb = repeat(f['text_emb']) if self.text_emb_to_time else None
     return self._compiled('sample', self.sample_fn)(
-        params, repeat(f['clip_emb']), repeat(f['caption']), repeat(mask), rng)
+        params, repeat(f['clip_emb']), repeat(f['caption']), repeat(mask), rng, None, text_emb,
+        self._null())
 
   # --- evaluation and sample grids --------------------------------------------------------------
 
@@ -209,7 +276,7 @@ class Stage:
       f = features(self.clip.params, chunk)
       images = self._compiled('sample', self.sample_fn)(
           params, f['clip_emb'], f['caption'], f['caption_mask'],
-          jax.random.fold_in(jax.random.PRNGKey(seed), i))
+          jax.random.fold_in(jax.random.PRNGKey(seed), i), None, f.get('text_emb'), self._null())
       out.append(np.asarray(clip_stage.to_host(images))[:min(e.batch_size, n - i)])
     return np.concatenate(out)
 
