@@ -137,3 +137,65 @@ def tiny_clip_vocab():
   tokens = chars + [c + '</w>' for c in chars] + [a + b for a, b in TINY_CLIP_MERGES]
   tokens += ['<|startoftext|>', '<|endoftext|>']
   return {t: i for i, t in enumerate(tokens)}, list(TINY_CLIP_MERGES)
+
+
+def import_open_clip():
+  """open_clip, also where torchvision is not installed (PyPI's torchvision does not run beside
+  every torch build): open_clip needs torchvision only for its image transforms, so a stand-in
+  torchvision is used just while open_clip imports, then removed from sys.modules. Raises
+  ImportError when open_clip itself is missing."""
+  import importlib.abc  # pylint: disable=g-import-not-at-top
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  try:
+    import open_clip  # pylint: disable=g-import-not-at-top
+    return open_clip
+  except ModuleNotFoundError as e:
+    if e.name is None or not e.name.startswith('torchvision'):
+      raise
+
+  class PlaceholderMeta(type):
+    def __getattr__(cls, name):   # enum-like members, e.g. InterpolationMode.BICUBIC
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return name
+
+  class Placeholder(metaclass=PlaceholderMeta):
+    def __init__(self, *args, **kwargs):
+      pass
+
+  class StubModule(types.ModuleType):
+    __path__ = []
+
+    def __getattr__(self, name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      value = Placeholder if name[:1].islower() else type(name, (Placeholder,), {})
+      setattr(self, name, value)
+      return value
+
+  class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+      del path, target
+      if fullname.split('.')[0] == 'torchvision':
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+      return None
+
+    def create_module(self, spec):
+      return StubModule(spec.name)
+
+    def exec_module(self, module):
+      pass
+
+  finder = Finder()
+  sys.meta_path.insert(0, finder)
+  for name in [m for m in sys.modules if m.split('.')[0] in ('open_clip', 'torchvision')]:
+    del sys.modules[name]   # a partial import from the failed attempt
+  try:
+    import open_clip  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    return open_clip
+  finally:
+    sys.meta_path.remove(finder)
+    for name in [m for m in sys.modules if m.split('.')[0] == 'torchvision']:
+      del sys.modules[name]

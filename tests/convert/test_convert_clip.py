@@ -14,7 +14,7 @@ import pytest
 
 from unclip_jax.convert import clip as convert
 from unclip_jax.convert import torch_io
-from tests.helpers import tiny_clip_vocab
+from tests.helpers import import_open_clip, tiny_clip_vocab
 from unclip_jax.models.clip import CLIP
 from unclip_jax.stages import clip as clip_stage
 
@@ -405,9 +405,12 @@ def test_open_clip_layout_with_model_config(hf_clip, tmp_path, inputs, act):
 
 
 def test_open_clip_model(tmp_path, inputs):
-  """A real open_clip CLIP built from a config dict (needs open_clip, which needs torchvision),
-  converted with its model config and with the sizes inferred from its state dict."""
-  open_clip = pytest.importorskip('open_clip')
+  """A real open_clip CLIP built from a config dict, converted with its model config and with the
+  sizes inferred from its state dict."""
+  try:
+    open_clip = import_open_clip()
+  except ImportError:
+    pytest.skip('open_clip is not installed')
   tokens, images = inputs
   cfg = {'embed_dim': PROJ, 'quick_gelu': True,  # widths of 64: OpenAI's rule gives 1 head
          'vision_cfg': {'image_size': 32, 'patch_size': 8, 'width': 64, 'layers': 1},
