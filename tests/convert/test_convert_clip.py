@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
+from unclip_jax.convert import __main__ as convert_cli
 from unclip_jax.convert import clip as convert
 from unclip_jax.convert import torch_io
 from tests.helpers import import_open_clip, tiny_clip_vocab
@@ -201,8 +202,7 @@ def test_export_moves_with_its_tokenizer(hf_clip, tmp_path, inputs):
   features = (text_embeds / |text_embeds|, last_hidden_state); images in [-1, 1]."""
   model, folder = hf_clip['quick_gelu']
   tokens, images = inputs
-  config, params = convert.convert_hf_clip(folder)
-  convert.save_converted_clip(str(tmp_path / 'a'), config, params, folder)
+  assert convert_cli.main(['hf-clip', folder, str(tmp_path / 'a')]) == 0   # the command line
   with open(tmp_path / 'a' / 'config.json') as f:
     saved = json.load(f)['tokenizer']
   assert (saved['kind'], saved['path']) == ('clip_bpe', 'tokenizer')
@@ -400,6 +400,12 @@ def test_open_clip_layout_with_model_config(hf_clip, tmp_path, inputs, act):
   config, params = convert.convert_open_clip(str(tmp_path), str(config_path))
   assert config.model.text.activation == act and config.model.text.num_heads == 4
   _check_open_clip_parity(config, params, model, inputs)
+  if act == 'gelu':   # the command line writes the same export
+    dst = str(tmp_path / 'export')
+    assert convert_cli.main(['open-clip', path, dst, '--model-config', str(config_path),
+                             '--tokenizer', hf_clip[act][1]]) == 0
+    frozen = clip_stage.load_frozen(dst)
+    _check_open_clip_parity(frozen.config, frozen.params, model, inputs)
   with pytest.raises(torch_io.ConversionError, match='ls_init_value'):
     convert.convert_open_clip(path, dict(cfg, text_cfg=dict(cfg['text_cfg'], ls_init_value=0.1)))
 

@@ -19,14 +19,18 @@ def stage(data_dir):
   return decoder_stage.Stage(helpers.tiny_decoder_config(data_dir), clip=clip)
 
 
-@pytest.fixture(scope='module')
-def params(stage):
+def _perturbed_params(stage):
   params = stages.init_params(stage, jax.random.PRNGKey(0), batch_size=2)
   # Move away from the zero-initialised output so that samples depend on the conditioning.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
                                    for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope='module')
+def params(stage):
+  return _perturbed_params(stage)
 
 
 def test_hybrid_loss(stage, params):
@@ -125,7 +129,36 @@ def test_tiny_decoder_reproduces_colours(trained_tiny_clip, data_dir, tmp_path):
 
 
 # At 16px (the CLIP sees the images resized to its 32px) the run takes ~1 minute.
-SLOW_DECODER_OVERRIDES = ('--config.num_train_steps=300', '--config.data.resolution=16',
+SLOW_DECODER_OVERRIDES = ('--config.num_train_steps=200', '--config.diffusion.min_snr_gamma=5.0', '--config.data.resolution=16',
                           '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
                           '--config.eval.num_examples=32', '--config.eval.batch_size=32',
                           '--config.sampling.num_images=8')
+
+
+def test_karlo_conditioning_drops_captions_to_the_empty_prompt(data_dir):
+  """karlo's decoder (raw CLIP embeddings, the text embedding in the timestep embedding, the
+  empty prompt as unconditional caption): a dropped caption trains exactly as the empty prompt."""
+  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir))
+  overrides = {'clip.normalize': False, 'model.null_caption': 'empty_prompt',
+               'model.text_emb_to_time': True, 'model.caption_norm': True,
+               'model.clip_emb_scale': 1.0}
+  dropped = decoder_stage.Stage(helpers.tiny_decoder_config(
+      data_dir, **overrides, **{'decoder.text_drop_prob': 1.0}), clip=clip)
+  kept = decoder_stage.Stage(helpers.tiny_decoder_config(
+      data_dir, **overrides, **{'decoder.text_drop_prob': 0.0}), clip=clip)
+  params = _perturbed_params(dropped)
+  assert 'text_to_time' in params and 'caption_norm' in params
+  (batch,) = helpers.take_batches(dropped, dropped.config, 1)
+  empty = dict(batch, tokens=np.repeat(dropped.tokenizer(['']), len(batch['tokens']), 0))
+  rng, constants = jax.random.PRNGKey(1), dropped.constants()
+  kept_loss = jax.jit(kept.loss)
+  loss_dropped, _ = jax.jit(dropped.loss)(params, batch, rng, constants)
+  loss_empty, _ = kept_loss(params, empty, rng, constants)
+  loss_kept, _ = kept_loss(params, batch, rng, constants)
+  np.testing.assert_allclose(loss_dropped, loss_empty, rtol=1e-6)
+  assert abs(float(loss_kept) - float(loss_dropped)) > 1e-6
+  f = dropped.clip_features(clip.params, batch)
+  assert np.abs(np.linalg.norm(f['clip_emb'], axis=-1) - 1).max() > 1e-3   # raw, not unit
+  with pytest.raises(ValueError, match='guided by the empty prompt'):
+    dropped.sample_fn(params, f['clip_emb'], f['caption'], f['caption_mask'],
+                      jax.random.PRNGKey(0), text_emb=f['text_emb'])

@@ -30,6 +30,29 @@ def test_loss_is_finite_and_has_metrics(stage, params):
   assert -1 <= float(metrics['cosine_to_image']) <= 1
 
 
+def test_karlo_conditioning_drops_captions_to_the_empty_prompt(stage, params):
+  """With `model.null_caption = 'empty_prompt'` (karlo's) a dropped caption trains exactly as
+  the empty prompt, and the embeddings are the CLIP's raw ones (`clip.normalize = False`)."""
+  def karlo_stage(drop):
+    config = helpers.tiny_prior_config(stage.config.data.data_dir, **{
+        'clip.normalize': False, 'model.null_caption': 'empty_prompt',
+        'prior.text_drop_prob': drop})
+    return prior_stage.Stage(config, clip=stage.clip)
+  dropped, kept = karlo_stage(1.0), karlo_stage(0.0)
+  (batch,) = helpers.take_batches(stage, stage.config, 1)
+  empty = dict(batch, tokens=np.repeat(stage.tokenizer(['']), len(batch['tokens']), 0))
+  args = (jax.random.PRNGKey(1), stage.constants())
+  kept_loss = jax.jit(kept.loss)
+  loss_dropped = jax.jit(dropped.loss)(params, batch, *args)[0]
+  np.testing.assert_allclose(loss_dropped, kept_loss(params, empty, *args)[0], rtol=1e-6)
+  assert abs(float(kept_loss(params, batch, *args)[0]) - float(loss_dropped)) > 1e-6
+  f = dropped.clip_features(stage.clip.params, batch)
+  assert np.abs(np.linalg.norm(f['text_emb'], axis=-1) - 1).max() > 1e-3   # raw, not unit
+  with pytest.raises(ValueError, match='guided by the empty prompt'):
+    dropped.sample_fn(params, f['text_emb'], f['token_encodings'], f['token_mask'],
+                      jax.random.PRNGKey(0))
+
+
 def test_sampling_is_one_compiled_loop_and_keeps_the_best_candidate(stage, params):
   tokens = stage.tokenizer(['a red circle on a blue background', 'a green star on black'])
   f = stage.clip_features(stage.clip.params, {'tokens': tokens})

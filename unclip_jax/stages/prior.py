@@ -54,6 +54,7 @@ def build_model(config, clip_config) -> DiffusionPrior:
                         mlp_ratio=m.mlp_ratio, activation=m.activation, remat=m.remat,
                         scan=m.scan,
                         normalization=p.normalization, embedding_scale=p.embedding_scale,
+                        null_caption=m.get('null_caption', 'learned'),
                         dtype=DTYPES[config.dtype])
 
 
@@ -154,7 +155,8 @@ class Stage:
     variables = self.model.init(
         rng, jnp.zeros((b, c.embed_dim)), jnp.zeros((b,), jnp.int32), jnp.zeros((b, c.embed_dim)),
         jnp.zeros((b, c.text.context_length, c.text.width)),
-        jnp.ones((b, c.text.context_length), bool), jnp.zeros((b,), bool))
+        jnp.ones((b, c.text.context_length), bool),
+        jnp.zeros((b,), bool) if self.null_caption == 'learned' else None)
     if self.config.prior.normalization == 'stats' and self.config.clip.workdir:
       with jax.ensure_compile_time_eval():  # init is traced; the statistics are host values
         mean, std = self.embedding_stats()
