@@ -375,12 +375,9 @@ def minimal_clip_config(d: int) -> ml_collections.ConfigDict:
 
 
 def decoder_model(config, clip_config):
-  """The decoder stage's model, with karlo's options (`text_emb_to_time`, `caption_norm`) set
-  from the config whether or not the stage's build_model passes them."""
+  """The decoder stage's model for a converted config."""
   from unclip_jax.stages import decoder as decoder_stage  # pylint: disable=g-import-not-at-top
-  m = config.model
-  return decoder_stage.build_model(config, clip_config).clone(
-      text_emb_to_time=m.get('text_emb_to_time', False), caption_norm=m.get('caption_norm', False))
+  return decoder_stage.build_model(config, clip_config)
 
 
 def _decoder_shapes(model, config, d: int):
