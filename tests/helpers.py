@@ -199,3 +199,14 @@ def import_open_clip():
     sys.meta_path.remove(finder)
     for name in [m for m in sys.modules if m.split('.')[0] == 'torchvision']:
       del sys.modules[name]
+
+
+def perturb_torch(model, seed: int, scale: float):
+  """A PyTorch reference model with random values added to every parameter (libraries
+  zero-initialise biases and output layers, which would let a wrong mapping pass), in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(scale * torch.randn(p.shape, generator=gen))
+  return model.eval()

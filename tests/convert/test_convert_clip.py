@@ -15,6 +15,7 @@ import pytest
 from unclip_jax.convert import __main__ as convert_cli
 from unclip_jax.convert import clip as convert
 from unclip_jax.convert import torch_io
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.helpers import import_open_clip, tiny_clip_vocab
 from unclip_jax.models.clip import CLIP
 from unclip_jax.stages import clip as clip_stage
@@ -35,12 +36,7 @@ PROJ = 24
 
 
 def _perturb(model, seed):
-  """Random values for every parameter (HF inits biases to 0 and LayerNorms to 1)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  return helpers.perturb_torch(model, seed, 0.1)
 
 
 def _clip_model(act='quick_gelu', seed=0, **text):

@@ -24,6 +24,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 diffusers = pytest.importorskip('diffusers')
 
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.helpers import tiny_clip_vocab  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unclip_jax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -38,12 +39,7 @@ PROMPTS = ['the cat', 'a photo of the dog']
 
 
 def _perturb(model, seed):
-  """Random values for every parameter (diffusers zero-initialises output layers)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  return helpers.perturb_torch(model, seed, 0.05)
 
 
 def _karlo_pipeline():

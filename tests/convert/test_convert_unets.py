@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from unclip_jax.convert import diffusers_unet  # pylint: disable=g-import-not-at-top
 from unclip_jax.convert.torch_io import ConversionError  # pylint: disable=g-import-not-at-top
 
@@ -32,12 +33,7 @@ SUPER_RES = dict(sample_size=16, in_channels=6, block_out_channels=(32, 64), lay
 
 
 def _randomise(model, seed):
-  """Moves every parameter (diffusers zero-initialises some) so that no mapping passes by luck."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn(p.shape, generator=gen))
-  return model.eval()
+  return helpers.perturb_torch(model, seed, 0.05)
 
 
 def _normal(shape, seed):

@@ -116,12 +116,7 @@ class Stage:
     return f
 
   def _null(self):
-    """`null_features` of the loaded CLIP when this decoder needs them, else None."""
-    if self.null_caption != 'empty_prompt':
-      return None
-    if self._null_features is None:
-      self._null_features = jax.jit(self.null_features)(self.clip.params)
-    return self._null_features
+    return prior_stage.cached_null_features(self)
 
   def _apply(self, params, x_t, t, clip_emb, caption, drop_clip=None, drop_text=None,
              **kwargs):

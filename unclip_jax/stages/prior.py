@@ -255,12 +255,7 @@ class Stage:
                            noise, self._null())
 
   def _null(self):
-    """`null_features` of the loaded CLIP when this prior needs them, else None."""
-    if self.null_caption != 'empty_prompt':
-      return None
-    if self._null_features is None:
-      self._null_features = jax.jit(self.null_features)(self.clip.params)
-    return self._null_features
+    return cached_null_features(self)
 
   # --- evaluation -------------------------------------------------------------------------------
 
@@ -311,6 +306,16 @@ def load_prior(path: str, clip: Optional[clip_stage.FrozenClip] = None):
   """(Stage, params) of a trained prior (a prior run's workdir or its export/)."""
   config, params = export.load_export(path, what='prior')
   return Stage(config, clip=clip), params
+
+
+def cached_null_features(stage):
+  """`stage.null_features` of its loaded CLIP (computed once) when its unconditional caption is
+  the empty prompt (`model.null_caption = 'empty_prompt'`), else None. For prior and decoder."""
+  if stage.null_caption != 'empty_prompt':
+    return None
+  if stage._null_features is None:  # pylint: disable=protected-access
+    stage._null_features = jax.jit(stage.null_features)(stage.clip.params)  # pylint: disable=protected-access
+  return stage._null_features  # pylint: disable=protected-access
 
 
 def where_rows(rows: jax.Array, replacement: jax.Array, x: jax.Array) -> jax.Array:
