@@ -86,6 +86,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # eps-prediction learns them far too slowly for a few-minute CPU run: 500 steps reproduce
     # the background of 34% of held-out images with eps and 100% with v.
     c.diffusion.mean_type = 'v'
+    # Min-SNR-5 weighting and the caption dropped 10% of the time (not the paper's 50%): the
+    # 800-step job decoder then reproduces held-out images' shapes in 48% of cases (colour 98%),
+    # against 14-23% with plain v-prediction and 50% drop (30% with min-SNR alone).
+    c.diffusion.min_snr_gamma = 5.0
+    c.decoder.text_drop_prob = 0.1
     c.model.unet.resblock_updown = False   # plain conv up/downsampling: 15% cheaper on CPU
   elif arg in ('karlo', 'paper'):
     c.clip.preset = 'vit_l14'
