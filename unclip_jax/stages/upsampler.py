@@ -158,7 +158,9 @@ class Stage:
     out = self.model.apply({'params': params}, jnp.concatenate([x_t, cond], -1),
                            self.diffusion.model_timesteps(t), train=True,
                            rngs={'dropout': rng_dropout})
-    losses = self.diffusion.training_losses(out, x0, t, noise)
+    gamma = self.config.diffusion.get('min_snr_gamma')
+    mse_weights = None if gamma is None else self.diffusion.min_snr_weights(t, gamma)
+    losses = self.diffusion.training_losses(out, x0, t, noise, mse_weights=mse_weights)
     metrics = {'mse': losses['mse'].mean()}
     if 'vb' in losses:
       metrics['vb'] = losses['vb'].mean()
