@@ -32,12 +32,42 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end training runs (run once in CI)')
 
 
+# The session's end-to-end training runs: subprocesses started as early as their inputs exist,
+# so that they overlap with the in-process tests and with each other (one run keeps ~1.3 of the
+# 2 CI cores busy). Their tests wait for the results.
+CLIP_RUN = ('configs/clip.py:tiny', '--config.num_train_steps=300',
+            '--config.optim.warmup_steps=50', '--config.data.num_train=8000',
+            '--config.checkpoint.every_steps=0')
+PRIOR_RUN = ('configs/prior.py:tiny', '--config.num_train_steps=300',
+             '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
+             '--config.eval.num_examples=128', '--config.eval.batch_size=128',
+             '--config.batch_size=64')
+# At 16px (the CLIP sees the images resized to its 32px).
+DECODER_RUN = ('configs/decoder.py:tiny', '--config.num_train_steps=200',
+               '--config.data.resolution=16', '--config.data.num_train=8000',
+               '--config.checkpoint.every_steps=0', '--config.eval.num_examples=32',
+               '--config.eval.batch_size=32', '--config.sampling.num_images=8')
+
+
+def _wanted(request, fixture: str) -> bool:
+  return any(fixture in item.fixturenames for item in request.session.items)
+
+
 @pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """A tfds data dir shared by the session; datasets are generated on first use."""
+def data_dir(request, tmp_path_factory):
+  """A tfds data dir shared by the session; datasets are generated on first use. Starts the
+  CLIP training run in the background when a collected test needs it."""
   path = str(tmp_path_factory.mktemp('datasets'))
   os.environ['UNCLIP_DATA_DIR'] = path
+  if _wanted(request, 'trained_tiny_clip'):
+    config, *overrides = CLIP_RUN
+    started = helpers.start_main(config, tmp_path_factory.mktemp('clip_run'), path, *overrides)
+    request.addfinalizer(started[0].kill)   # a no-op once it has finished
+    request.config.stash[_CLIP_KEY] = started
   return path
+
+
+_CLIP_KEY = pytest.StashKey()
 
 
 @pytest.fixture(scope='session')
@@ -46,13 +76,51 @@ def make_tiny_clip_config(data_dir):
 
 
 @pytest.fixture(scope='session')
-def trained_tiny_clip(data_dir, tmp_path_factory):
+def trained_tiny_clip(request, data_dir):
   """The README's CLIP job at a shorter length (32px, 300 steps): (workdir, eval metrics)."""
-  workdir = tmp_path_factory.mktemp('clip_run')
-  metrics = helpers.run_main('configs/clip.py:tiny', workdir, data_dir,
-                     '--config.num_train_steps=300', '--config.optim.warmup_steps=50',
-                     '--config.data.num_train=8000', '--config.checkpoint.every_steps=0')
-  return str(workdir), metrics
+  del data_dir  # it started the run
+  started = request.config.stash[_CLIP_KEY]
+  return started[1], helpers.finish_main(started)
+
+
+@pytest.fixture(scope='session')
+def stage_runs(request, trained_tiny_clip, data_dir, tmp_path_factory):
+  """The prior's and the decoder's learning runs on the trained CLIP (whichever collected tests
+  need), started together in the background: {'prior': started, 'decoder': started}."""
+  from configs import prior as prior_configs  # pylint: disable=g-import-not-at-top
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+  clip_workdir, _ = trained_tiny_clip
+  clip_flag = f'--config.clip.workdir={clip_workdir}'
+  runs = {}
+  if _wanted(request, 'prior_run'):
+    data_config = prior_configs.get_config('tiny').data
+    data_config.update(data_dir=data_dir, num_train=8000)
+    emb = str(tmp_path_factory.mktemp('prior_embeddings'))
+    embeddings.write(clip_stage.load_frozen(clip_workdir), data_config, emb)
+    config, *overrides = PRIOR_RUN
+    runs['prior'] = helpers.start_main(config, tmp_path_factory.mktemp('prior_run'), data_dir,
+                                       clip_flag, f'--config.data.embeddings_dir={emb}',
+                                       *overrides)
+  if _wanted(request, 'decoder_run'):
+    config, *overrides = DECODER_RUN
+    runs['decoder'] = helpers.start_main(config, tmp_path_factory.mktemp('decoder_run'),
+                                         data_dir, clip_flag, *overrides)
+  for started in runs.values():
+    request.addfinalizer(started[0].kill)
+  return runs
+
+
+@pytest.fixture(scope='session')
+def prior_run(stage_runs):
+  """The prior learning run: (workdir, eval metrics)."""
+  return stage_runs['prior'][1], helpers.finish_main(stage_runs['prior'])
+
+
+@pytest.fixture(scope='session')
+def decoder_run(stage_runs):
+  """The decoder learning run: (workdir, eval metrics)."""
+  return stage_runs['decoder'][1], helpers.finish_main(stage_runs['decoder'])
 
 
 def perturbed(params, seed):

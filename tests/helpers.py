@@ -82,20 +82,40 @@ def run_train_steps(stage, config, mesh_, batches):
   return state, losses
 
 
-def run_main(config: str, workdir, data_dir: str, *overrides: str, timeout: int = 600) -> dict:
-  """Runs `python -m unclip_jax.main` on one CPU device; returns its eval_metrics.json."""
-  import json  # pylint: disable=g-import-not-at-top
+def start_main(config: str, workdir, data_dir: str, *overrides: str):
+  """Starts `python -m unclip_jax.main` on one CPU device in the background: (process, workdir).
+  `finish_main` waits for it. Two such runs use the 2 cores better than one after the other."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3')
-  result = subprocess.run(
+  log = tempfile.TemporaryFile(mode='w+')
+  process = subprocess.Popen(
       [sys.executable, '-m', 'unclip_jax.main', f'--config={config}', f'--workdir={workdir}',
-       *overrides], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
+       *overrides], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  process.log = log
+  return process, str(workdir)
+
+
+def finish_main(started, timeout: int = 600) -> dict:
+  """Waits for a `start_main` run; returns its eval_metrics.json (asserts it succeeded)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  process, workdir = started
+  returncode = process.wait(timeout=timeout)
+  process.log.seek(0)
+  output = process.log.read()
+  process.log.close()
+  assert returncode == 0, output[-4000:]
   with open(os.path.join(workdir, 'eval_metrics.json')) as f:
     return json.load(f)
+
+
+def run_main(config: str, workdir, data_dir: str, *overrides: str, timeout: int = 600) -> dict:
+  """Runs `python -m unclip_jax.main` on one CPU device; returns its eval_metrics.json."""
+  return finish_main(start_main(config, workdir, data_dir, *overrides), timeout)
 
 
 def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):

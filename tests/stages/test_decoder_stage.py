@@ -111,29 +111,20 @@ def test_large_presets_build(data_dir, preset, low, high):
 
 
 @pytest.mark.slow
-def test_tiny_decoder_reproduces_colours(trained_tiny_clip, data_dir, tmp_path):
+def test_tiny_decoder_reproduces_colours(decoder_run):
   """configs/decoder.py:tiny on the frozen tiny CLIP, from the command line, shortened (16px,
-  200 steps): samples decoded from held-out images' CLIP embeddings have those images' background and shape colours
-  (read from pixels; chance is 1/8)."""
-  clip_workdir, _ = trained_tiny_clip
-  metrics = helpers.run_main('configs/decoder.py:tiny', tmp_path / 'decoder', data_dir,
-                             f'--config.clip.workdir={clip_workdir}', *SLOW_DECODER_OVERRIDES)
+  200 steps; `conftest.DECODER_RUN`): samples decoded from held-out images' CLIP embeddings have
+  those images' background and shape colours (read from pixels; chance is 1/8)."""
+  workdir, metrics = decoder_run
   print(metrics)
   assert metrics['real_background_accuracy'] > 0.95 and metrics['real_color_accuracy'] > 0.95
   assert metrics['samples_background_accuracy'] > 0.6
   assert metrics['samples_color_accuracy'] > 0.4
-  stage, params = decoder_stage.load_decoder(str(tmp_path / 'decoder'))
+  stage, params = decoder_stage.load_decoder(workdir)
   from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   image = input_pipeline.load_split(stage.config.data, 'test', max_examples=1)['image'][0]
   images = np.asarray(stage.variations(params, image, 2, jax.random.PRNGKey(0)))
   assert images.shape == (2,) + image.shape
-
-
-# At 16px (the CLIP sees the images resized to its 32px) the run takes ~1 minute.
-SLOW_DECODER_OVERRIDES = ('--config.num_train_steps=200', '--config.data.resolution=16',
-                          '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
-                          '--config.eval.num_examples=32', '--config.eval.batch_size=32',
-                          '--config.sampling.num_images=8')
 
 
 def test_karlo_conditioning_drops_captions_to_the_empty_prompt(data_dir):

@@ -101,25 +101,15 @@ def test_mismatched_resolution_is_rejected(data_dir):
 
 
 @pytest.mark.slow
-def test_tiny_prior_beats_the_text_embedding_baseline(trained_tiny_clip, data_dir, tmp_path):
+def test_tiny_prior_beats_the_text_embedding_baseline(prior_run):
   """configs/prior.py:tiny on the frozen tiny CLIP's precomputed embeddings, from the command
-  line, shortened."""
-  from configs import prior as prior_configs  # pylint: disable=g-import-not-at-top
-  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
-  clip_workdir, _ = trained_tiny_clip
-  data_config = prior_configs.get_config('tiny').data
-  data_config.update(data_dir=data_dir, num_train=8000)
-  embeddings.write(clip_stage.load_frozen(clip_workdir), data_config, str(tmp_path / 'emb'))
-  metrics = helpers.run_main('configs/prior.py:tiny', tmp_path / 'prior', data_dir,
-                     f'--config.clip.workdir={clip_workdir}', '--config.num_train_steps=300',
-                     '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
-                     '--config.eval.num_examples=128', '--config.eval.batch_size=128',
-                     '--config.batch_size=64', f'--config.data.embeddings_dir={tmp_path / "emb"}')
+  line, shortened (`conftest.PRIOR_RUN`)."""
+  workdir, metrics = prior_run
   print(metrics)
   assert metrics["cosine_pred_image"] > metrics["cosine_text_image_baseline"] + 0.005
   assert metrics['zero_shot_color_accuracy_pred'] > 0.8
   assert metrics['zero_shot_background_accuracy_pred'] > 0.8
-  stage, params = prior_stage.load_prior(str(tmp_path / 'prior'))
+  stage, params = prior_stage.load_prior(workdir)
   best, _, _ = stage.sample_embeddings(params, stage.tokenizer(['a red square on a blue '
                                                                 'background']),
                                        jax.random.PRNGKey(0))
