@@ -32,9 +32,8 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end training runs (run once in CI)')
 
 
-# The session's end-to-end training runs: subprocesses started as early as their inputs exist,
-# so that they overlap with the in-process tests and with each other (one run keeps ~1.3 of the
-# 2 CI cores busy). Their tests wait for the results.
+# The session's end-to-end training runs (`BackgroundRuns`): subprocesses started as early as
+# their inputs exist, so that they overlap with the in-process tests and with each other.
 CLIP_RUN = ('configs/clip.py:tiny', '--config.num_train_steps=300',
             '--config.optim.warmup_steps=50', '--config.data.num_train=8000',
             '--config.checkpoint.every_steps=0')
@@ -49,25 +48,92 @@ DECODER_RUN = ('configs/decoder.py:tiny', '--config.num_train_steps=200',
                '--config.eval.batch_size=32', '--config.sampling.num_images=8')
 
 
-def _wanted(request, fixture: str) -> bool:
-  return any(fixture in item.fixturenames for item in request.session.items)
+class BackgroundRuns:
+  """The session's learning runs, in the background: CLIP first, then the prior's and the
+  decoder's on it, each started as soon as its inputs exist (`poll` runs between tests)."""
+
+  def __init__(self, data_dir: str, tmp_path_factory, wanted: set):
+    self.data_dir, self.tmp, self.wanted = data_dir, tmp_path_factory, wanted
+    self.clip, self.clip_metrics, self.stages, self.processes = None, None, None, []
+
+  def _start(self, name, config, *overrides):
+    started = helpers.start_main(config, self.tmp.mktemp(f'{name}_run'), self.data_dir,
+                                 *overrides)
+    self.processes.append(started[0])
+    return started
+
+  def start_clip(self):
+    if 'trained_tiny_clip' in self.wanted or self.wanted & {'prior_run', 'decoder_run'}:
+      self.clip = self._start('clip', *CLIP_RUN)
+
+  def clip_result(self):
+    """(workdir, eval metrics) of the CLIP run, once it has finished."""
+    if self.clip_metrics is None:
+      self.clip_metrics = helpers.finish_main(self.clip)
+    return self.clip[1], self.clip_metrics
+
+  def poll(self):
+    if (self.stages is None and self.clip is not None and self.clip[0].poll() == 0
+        and self.wanted & {'prior_run', 'decoder_run'}):
+      self.start_stages()
+
+  def start_stages(self):
+    from configs import prior as prior_configs  # pylint: disable=g-import-not-at-top
+    from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+    from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+    clip_workdir, _ = self.clip_result()
+    clip_flag = f'--config.clip.workdir={clip_workdir}'
+    self.stages = {}
+    if 'prior_run' in self.wanted:
+      data_config = prior_configs.get_config('tiny').data
+      data_config.update(data_dir=self.data_dir, num_train=8000)
+      emb = str(self.tmp.mktemp('prior_embeddings'))
+      embeddings.write(clip_stage.load_frozen(clip_workdir), data_config, emb)
+      self.stages['prior'] = self._start('prior', PRIOR_RUN[0], clip_flag,
+                                         f'--config.data.embeddings_dir={emb}', *PRIOR_RUN[1:])
+    if 'decoder_run' in self.wanted:
+      self.stages['decoder'] = self._start('decoder', DECODER_RUN[0], clip_flag, *DECODER_RUN[1:])
+
+  def stage_result(self, name):
+    """(workdir, eval metrics) of the prior's or the decoder's run, once it has finished."""
+    if self.stages is None:
+      self.start_stages()
+    return self.stages[name][1], helpers.finish_main(self.stages[name])
+
+  def kill(self):
+    for process in self.processes:
+      process.kill()    # a no-op once it has finished
+
+
+_RUNS_KEY = pytest.StashKey()
+_WAITS = ('trained_tiny_clip', 'prior_run', 'decoder_run')
+
+
+def pytest_collection_modifyitems(items):
+  """The tests that wait for the background learning runs go last, so that the other tests run
+  while those train (a run alone keeps ~1.3 of the 2 CI cores busy)."""
+  waits = [item for item in items if set(_WAITS) & set(getattr(item, 'fixturenames', ()))]
+  items[:] = [item for item in items if item not in waits] + waits
+
+
+def pytest_runtest_teardown(item):
+  runs = item.config.stash.get(_RUNS_KEY, None)
+  if runs is not None:
+    runs.poll()
 
 
 @pytest.fixture(scope='session')
 def data_dir(request, tmp_path_factory):
   """A tfds data dir shared by the session; datasets are generated on first use. Starts the
-  CLIP training run in the background when a collected test needs it."""
+  background learning runs that collected tests need."""
   path = str(tmp_path_factory.mktemp('datasets'))
   os.environ['UNCLIP_DATA_DIR'] = path
-  if _wanted(request, 'trained_tiny_clip'):
-    config, *overrides = CLIP_RUN
-    started = helpers.start_main(config, tmp_path_factory.mktemp('clip_run'), path, *overrides)
-    request.addfinalizer(started[0].kill)   # a no-op once it has finished
-    request.config.stash[_CLIP_KEY] = started
+  wanted = {f for item in request.session.items for f in _WAITS if f in item.fixturenames}
+  runs = BackgroundRuns(path, tmp_path_factory, wanted)
+  request.addfinalizer(runs.kill)
+  runs.start_clip()
+  request.config.stash[_RUNS_KEY] = runs
   return path
-
-
-_CLIP_KEY = pytest.StashKey()
 
 
 @pytest.fixture(scope='session')
@@ -79,48 +145,21 @@ def make_tiny_clip_config(data_dir):
 def trained_tiny_clip(request, data_dir):
   """The README's CLIP job at a shorter length (32px, 300 steps): (workdir, eval metrics)."""
   del data_dir  # it started the run
-  started = request.config.stash[_CLIP_KEY]
-  return started[1], helpers.finish_main(started)
+  return request.config.stash[_RUNS_KEY].clip_result()
 
 
 @pytest.fixture(scope='session')
-def stage_runs(request, trained_tiny_clip, data_dir, tmp_path_factory):
-  """The prior's and the decoder's learning runs on the trained CLIP (whichever collected tests
-  need), started together in the background: {'prior': started, 'decoder': started}."""
-  from configs import prior as prior_configs  # pylint: disable=g-import-not-at-top
-  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
-  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
-  clip_workdir, _ = trained_tiny_clip
-  clip_flag = f'--config.clip.workdir={clip_workdir}'
-  runs = {}
-  if _wanted(request, 'prior_run'):
-    data_config = prior_configs.get_config('tiny').data
-    data_config.update(data_dir=data_dir, num_train=8000)
-    emb = str(tmp_path_factory.mktemp('prior_embeddings'))
-    embeddings.write(clip_stage.load_frozen(clip_workdir), data_config, emb)
-    config, *overrides = PRIOR_RUN
-    runs['prior'] = helpers.start_main(config, tmp_path_factory.mktemp('prior_run'), data_dir,
-                                       clip_flag, f'--config.data.embeddings_dir={emb}',
-                                       *overrides)
-  if _wanted(request, 'decoder_run'):
-    config, *overrides = DECODER_RUN
-    runs['decoder'] = helpers.start_main(config, tmp_path_factory.mktemp('decoder_run'),
-                                         data_dir, clip_flag, *overrides)
-  for started in runs.values():
-    request.addfinalizer(started[0].kill)
-  return runs
+def prior_run(request, data_dir):
+  """The prior learning run on the trained CLIP's embeddings: (workdir, eval metrics)."""
+  del data_dir
+  return request.config.stash[_RUNS_KEY].stage_result('prior')
 
 
 @pytest.fixture(scope='session')
-def prior_run(stage_runs):
-  """The prior learning run: (workdir, eval metrics)."""
-  return stage_runs['prior'][1], helpers.finish_main(stage_runs['prior'])
-
-
-@pytest.fixture(scope='session')
-def decoder_run(stage_runs):
-  """The decoder learning run: (workdir, eval metrics)."""
-  return stage_runs['decoder'][1], helpers.finish_main(stage_runs['decoder'])
+def decoder_run(request, data_dir):
+  """The decoder learning run on the trained CLIP: (workdir, eval metrics)."""
+  del data_dir
+  return request.config.stash[_RUNS_KEY].stage_result('decoder')
 
 
 def perturbed(params, seed):
