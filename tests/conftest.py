@@ -63,7 +63,7 @@ class BackgroundRuns:
     return started
 
   def start_clip(self):
-    if 'trained_tiny_clip' in self.wanted or self.wanted & {'prior_run', 'decoder_run'}:
+    if self.wanted:   # every learning run needs the CLIP
       self.clip = self._start('clip', *CLIP_RUN)
 
   def clip_result(self):
@@ -73,8 +73,7 @@ class BackgroundRuns:
     return self.clip[1], self.clip_metrics
 
   def poll(self):
-    if (self.stages is None and self.clip is not None and self.clip[0].poll() == 0
-        and self.wanted & {'prior_run', 'decoder_run'}):
+    if self.stages is None and self.clip is not None and self.clip[0].poll() == 0:
       self.start_stages()
 
   def start_stages(self):

@@ -113,11 +113,6 @@ def finish_main(started, timeout: int = 600) -> dict:
     return json.load(f)
 
 
-def run_main(config: str, workdir, data_dir: str, *overrides: str, timeout: int = 600) -> dict:
-  """Runs `python -m unclip_jax.main` on one CPU device; returns its eval_metrics.json."""
-  return finish_main(start_main(config, workdir, data_dir, *overrides), timeout)
-
-
 def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):
   """configs/decoder.py:tiny shrunk for unit tests, on the 16px test CLIP."""
   from configs import decoder  # pylint: disable=g-import-not-at-top
