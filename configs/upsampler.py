@@ -39,7 +39,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.unet = ml_collections.ConfigDict(dict(
       model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
       num_head_channels=32, dropout=0.0, use_scale_shift_norm=True, resblock_updown=False,
-      norm_groups=32, remat=False))
+      norm_groups=32, remat=False,
+      patch_size=1))   # >1: space-to-depth, the finest level p times coarser
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = 'cosine'

@@ -32,106 +32,46 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end training runs (run once in CI)')
 
 
-# The session's end-to-end training runs (`BackgroundRuns`): subprocesses started as early as
-# their inputs exist, so that they overlap with the in-process tests and with each other.
-CLIP_RUN = ('configs/clip.py:tiny', '--config.num_train_steps=300',
-            '--config.optim.warmup_steps=50', '--config.data.num_train=8000',
-            '--config.checkpoint.every_steps=0')
-PRIOR_RUN = ('configs/prior.py:tiny', '--config.num_train_steps=300',
-             '--config.data.num_train=8000', '--config.checkpoint.every_steps=0',
-             '--config.eval.num_examples=128', '--config.eval.batch_size=128',
-             '--config.batch_size=64')
-# At 16px (the CLIP sees the images resized to its 32px).
-DECODER_RUN = ('configs/decoder.py:tiny', '--config.num_train_steps=200',
-               '--config.data.resolution=16', '--config.data.num_train=8000',
-               '--config.checkpoint.every_steps=0', '--config.eval.num_examples=32',
-               '--config.eval.batch_size=32', '--config.sampling.num_images=8')
+# The session's end-to-end run: the README's main job (`python -m unclip_jax.train_all
+# --config=configs/unclip.py:tiny`), shortened, as a subprocess on one device. It starts when the
+# data directory is made and trains while the in-process tests run; the tests that read it go
+# last. Its stages are the learning checks: CLIP, the prior on the CLIP's precomputed 32px
+# embeddings, the decoder at 16px (the CLIP sees the images resized to its 32px), and a 16→32px
+# upsampler trained only briefly (its learning is not checked here).
+JOB_RUN = (
+    '--config.clip.num_train_steps=300', '--config.clip.optim.warmup_steps=50',
+    '--config.prior.num_train_steps=300', '--config.prior.batch_size=64',
+    '--config.prior.eval.num_examples=128', '--config.prior.eval.batch_size=128',
+    '--config.decoder.num_train_steps=200', '--config.decoder.batch_size=32',
+    '--config.decoder.data.resolution=16', '--config.decoder.eval.num_examples=32',
+    '--config.upsampler.num_train_steps=20', '--config.upsampler.data.resolution=32',
+    '--config.upsampler.eval.num_examples=32',
+    '--config.sample.num_prompts=12', '--config.sample.batch_size=12',
+    '--config.sample.grid_columns=4',
+    *(f'--config.{stage}.{key}' for stage in ('clip', 'prior', 'decoder', 'upsampler')
+      for key in ('data.num_train=8000', 'checkpoint.every_steps=0')))
 
-
-class BackgroundRuns:
-  """The session's learning runs, in the background: CLIP first, then the prior's and the
-  decoder's on it, each started as soon as its inputs exist (`poll` runs between tests)."""
-
-  def __init__(self, data_dir: str, tmp_path_factory, wanted: set):
-    self.data_dir, self.tmp, self.wanted = data_dir, tmp_path_factory, wanted
-    self.clip, self.clip_metrics, self.stages, self.processes = None, None, None, []
-
-  def _start(self, name, config, *overrides):
-    started = helpers.start_main(config, self.tmp.mktemp(f'{name}_run'), self.data_dir,
-                                 *overrides)
-    self.processes.append(started[0])
-    return started
-
-  def start_clip(self):
-    if self.wanted:   # every learning run needs the CLIP
-      self.clip = self._start('clip', *CLIP_RUN)
-
-  def clip_result(self):
-    """(workdir, eval metrics) of the CLIP run, once it has finished."""
-    if self.clip_metrics is None:
-      self.clip_metrics = helpers.finish_main(self.clip)
-    return self.clip[1], self.clip_metrics
-
-  def poll(self):
-    if self.stages is None and self.clip is not None and self.clip[0].poll() == 0:
-      self.start_stages()
-
-  def start_stages(self):
-    from configs import prior as prior_configs  # pylint: disable=g-import-not-at-top
-    from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
-    from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
-    clip_workdir, _ = self.clip_result()
-    clip_flag = f'--config.clip.workdir={clip_workdir}'
-    self.stages = {}
-    if 'prior_run' in self.wanted:
-      data_config = prior_configs.get_config('tiny').data
-      data_config.update(data_dir=self.data_dir, num_train=8000)
-      emb = str(self.tmp.mktemp('prior_embeddings'))
-      embeddings.write(clip_stage.load_frozen(clip_workdir), data_config, emb)
-      self.stages['prior'] = self._start('prior', PRIOR_RUN[0], clip_flag,
-                                         f'--config.data.embeddings_dir={emb}', *PRIOR_RUN[1:])
-    if 'decoder_run' in self.wanted:
-      self.stages['decoder'] = self._start('decoder', DECODER_RUN[0], clip_flag, *DECODER_RUN[1:])
-
-  def stage_result(self, name):
-    """(workdir, eval metrics) of the prior's or the decoder's run, once it has finished."""
-    if self.stages is None:
-      self.start_stages()
-    return self.stages[name][1], helpers.finish_main(self.stages[name])
-
-  def kill(self):
-    for process in self.processes:
-      process.kill()    # a no-op once it has finished
-
-
-_RUNS_KEY = pytest.StashKey()
-_WAITS = ('trained_tiny_clip', 'prior_run', 'decoder_run')
+_JOB_KEY = pytest.StashKey()
+_READERS = ('job_run', 'trained_tiny_clip', 'prior_run', 'decoder_run')
 
 
 def pytest_collection_modifyitems(items):
-  """The tests that wait for the background learning runs go last, so that the other tests run
-  while those train (a run alone keeps ~1.3 of the 2 CI cores busy)."""
-  waits = [item for item in items if set(_WAITS) & set(getattr(item, 'fixturenames', ()))]
-  items[:] = [item for item in items if item not in waits] + waits
-
-
-def pytest_runtest_teardown(item):
-  runs = item.config.stash.get(_RUNS_KEY, None)
-  if runs is not None:
-    runs.poll()
+  """The tests that read the background job go last, so that the other tests run while it
+  trains (it keeps ~1.3 of the 2 CI cores busy)."""
+  readers = [item for item in items if set(_READERS) & set(getattr(item, 'fixturenames', ()))]
+  items[:] = [item for item in items if item not in readers] + readers
 
 
 @pytest.fixture(scope='session')
 def data_dir(request, tmp_path_factory):
   """A tfds data dir shared by the session; datasets are generated on first use. Starts the
-  background learning runs that collected tests need."""
+  background job if a collected test reads it."""
   path = str(tmp_path_factory.mktemp('datasets'))
   os.environ['UNCLIP_DATA_DIR'] = path
-  wanted = {f for item in request.session.items for f in _WAITS if f in item.fixturenames}
-  runs = BackgroundRuns(path, tmp_path_factory, wanted)
-  request.addfinalizer(runs.kill)
-  runs.start_clip()
-  request.config.stash[_RUNS_KEY] = runs
+  if any(set(_READERS) & set(item.fixturenames) for item in request.session.items):
+    started = helpers.start_job(tmp_path_factory.mktemp('job') / 'unclip', path, *JOB_RUN)
+    request.addfinalizer(started[0].kill)   # a no-op once it has finished
+    request.config.stash[_JOB_KEY] = started
   return path
 
 
@@ -141,24 +81,34 @@ def make_tiny_clip_config(data_dir):
 
 
 @pytest.fixture(scope='session')
-def trained_tiny_clip(request, data_dir):
-  """The README's CLIP job at a shorter length (32px, 300 steps): (workdir, eval metrics)."""
-  del data_dir  # it started the run
-  return request.config.stash[_RUNS_KEY].clip_result()
+def job_run(request, data_dir):
+  """The shortened main job (`JOB_RUN`), finished: (workdir, report)."""
+  del data_dir  # it started the job
+  started = request.config.stash[_JOB_KEY]
+  return started[1], helpers.finish(started)
+
+
+def _stage_run(job_run, name):
+  workdir, report = job_run
+  return os.path.join(workdir, name), report['stages'][name]['eval']
 
 
 @pytest.fixture(scope='session')
-def prior_run(request, data_dir):
-  """The prior learning run on the trained CLIP's embeddings: (workdir, eval metrics)."""
-  del data_dir
-  return request.config.stash[_RUNS_KEY].stage_result('prior')
+def trained_tiny_clip(job_run):
+  """The job's CLIP (32px, 300 steps): (workdir, eval metrics)."""
+  return _stage_run(job_run, 'clip')
 
 
 @pytest.fixture(scope='session')
-def decoder_run(request, data_dir):
-  """The decoder learning run on the trained CLIP: (workdir, eval metrics)."""
-  del data_dir
-  return request.config.stash[_RUNS_KEY].stage_result('decoder')
+def prior_run(job_run):
+  """The job's prior, trained on its CLIP's precomputed embeddings: (workdir, eval metrics)."""
+  return _stage_run(job_run, 'prior')
+
+
+@pytest.fixture(scope='session')
+def decoder_run(job_run):
+  """The job's decoder (16px, 200 steps) on its CLIP: (workdir, eval metrics)."""
+  return _stage_run(job_run, 'decoder')
 
 
 def perturbed(params, seed):

@@ -82,9 +82,9 @@ def run_train_steps(stage, config, mesh_, batches):
   return state, losses
 
 
-def start_main(config: str, workdir, data_dir: str, *overrides: str):
-  """Starts `python -m unclip_jax.main` on one CPU device in the background: (process, workdir).
-  `finish_main` waits for it. Two such runs use the 2 cores better than one after the other."""
+def start_job(workdir, data_dir: str, *overrides: str):
+  """Starts `python -m unclip_jax.train_all --config=configs/unclip.py:tiny` (the whole system)
+  with `overrides` on one CPU device in the background: (process, workdir); `finish` waits."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -93,14 +93,16 @@ def start_main(config: str, workdir, data_dir: str, *overrides: str):
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3')
   log = tempfile.TemporaryFile(mode='w+')
   process = subprocess.Popen(
-      [sys.executable, '-m', 'unclip_jax.main', f'--config={config}', f'--workdir={workdir}',
-       *overrides], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+      [sys.executable, '-m', 'unclip_jax.train_all', '--config=configs/unclip.py:tiny',
+       f'--workdir={workdir}', *overrides],
+      cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
   process.log = log
   return process, str(workdir)
 
 
-def finish_main(started, timeout: int = 600) -> dict:
-  """Waits for a `start_main` run; returns its eval_metrics.json (asserts it succeeded)."""
+def finish(started, timeout: int = 900) -> dict:
+  """Waits for a `start_job` run and returns its report.json; asserts that it succeeded (the
+  message is the end of its output)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   process, workdir = started
@@ -109,8 +111,22 @@ def finish_main(started, timeout: int = 600) -> dict:
   output = process.log.read()
   process.log.close()
   assert returncode == 0, output[-4000:]
-  with open(os.path.join(workdir, 'eval_metrics.json')) as f:
+  with open(os.path.join(workdir, 'report.json')) as f:
     return json.load(f)
+
+
+def apply_flag_overrides(config, overrides):
+  """Applies `--config.a.b=value` command-line overrides to a ConfigDict, as the command line
+  does (a string field keeps the text; others read it as a Python literal)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for flag in overrides:
+    key, text = flag[len('--config.'):].split('=', 1)
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = text if isinstance(node[leaf], str) else ast.literal_eval(text)
+  return config
 
 
 def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):

@@ -26,7 +26,7 @@ def _inputs(rng):
 def decoder():
   model = UnclipDecoder(unet=UNET, clip_dim=D, context_width=16)
   inputs = _inputs(np.random.default_rng(0))
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), **inputs))['params']
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **inputs))['params']
   # Zero-initialised output layers make the untrained output exactly 0: nudge every parameter
   # so that each conditioning path is visible in the output.
   leaves, tree = jax.tree.flatten(params)
@@ -57,7 +57,8 @@ def _jitted_apply(model):
 def test_shape_and_zero_output_at_init():
   model = UnclipDecoder(unet=UNET, clip_dim=D, context_width=16)
   inputs = _inputs(np.random.default_rng(0))
-  out = model.apply(model.init(jax.random.PRNGKey(0), **inputs), **inputs)
+  out = jax.jit(lambda k: model.apply(model.init(k, **inputs), **inputs))(
+      jax.random.PRNGKey(0))
   assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32
   np.testing.assert_array_equal(out, 0.0)
 

@@ -21,12 +21,13 @@ def test_scan_and_remat_match_the_loop():
   assert params['block']['mlp']['fc']['kernel'].shape == (3, 16, 64)
   loop = Transformer(depth=3, num_heads=4, causal=True)
   loop_params = _unrolled_params(params, 3)
-  expected = loop.apply({'params': loop_params}, x, mask)
-  np.testing.assert_allclose(scanned.apply({'params': params}, x, mask), expected, atol=1e-5)
+  expected = jax.jit(loop.apply)({'params': loop_params}, x, mask)
+  np.testing.assert_allclose(jax.jit(scanned.apply)({'params': params}, x, mask), expected,
+                             atol=1e-5)
   remat = Transformer(depth=3, num_heads=4, causal=True, scan=True, remat=True)
   loss = lambda m, p: jnp.sum(m.apply({'params': p}, x, mask) ** 2)
-  g_remat = jax.grad(lambda p: loss(remat, p))(params)
-  g_loop = jax.grad(lambda p: loss(loop, p))(loop_params)
+  g_remat = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
+  g_loop = jax.jit(jax.grad(lambda p: loss(loop, p)))(loop_params)
   for a, b in zip(jax.tree.leaves(_unrolled_params(g_remat, 3)), jax.tree.leaves(g_loop)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 

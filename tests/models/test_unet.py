@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.convert.diffusers_unet import convert_unet2d, unet_kwargs
+from unclip_jax.models import unet as unet_lib
 from unclip_jax.models.unet import AttentionBlock, ResBlock, UNet
 
 CONTEXT_DIM = 8
@@ -126,6 +127,29 @@ def test_fully_convolutional(decoder):
   with pytest.raises(ValueError, match=r'18x18 is not divisible by 4'):
     model.apply({'params': params}, jnp.zeros((1, 18, 18, 3)), jnp.array([5]),
                 encoder_states=_normal((1, 5, 8), 0))
+
+
+def test_patched_model_folds_pixels_into_channels():
+  """patch_size 2: a 2x2 patch's pixels are channels of one position of the finest level, the
+  output is unfolded to full size, and attention factors count from the pixel grid."""
+  x = _normal((1, 8, 8, 3), 7)
+  folded = unet_lib.space_to_depth(x, 2)
+  assert folded.shape == (1, 4, 4, 12)
+  np.testing.assert_array_equal(folded[0, 1, 2], x[0, 2:4, 4:6].reshape(-1))
+  np.testing.assert_array_equal(unet_lib.depth_to_space(folded, 2), x)
+  model = UNet(**dict(TINY, attention_resolutions=(2,), patch_size=2))
+  params = _random_params(model, x, jnp.zeros((1,)), encoder_states=_normal((1, 5, 8), 0))
+  assert params['conv_in']['kernel'].shape == (3, 3, 12, 32)
+  assert params['conv_out']['kernel'].shape == (3, 3, 32, 12)
+  assert 'down_0_attn_0' in params           # level 0 works at factor 2
+  out = _apply(model, params, x, jnp.array([5]), encoder_states=_normal((1, 5, 8), 0))
+  assert out.shape == (1, 8, 8, 3) and np.all(np.isfinite(out))
+  with pytest.raises(ValueError, match=r'7x7 is not divisible by 2'):
+    model.apply({'params': params}, jnp.zeros((1, 7, 7, 3)), jnp.array([5]),
+                encoder_states=_normal((1, 5, 8), 0))
+  with pytest.raises(ValueError, match=r'\[1\] is not one of \[2\]'):
+    UNet(**dict(TINY, patch_size=2)).apply({'params': params}, x, jnp.array([5]),
+                                           encoder_states=_normal((1, 5, 8), 0))
 
 
 def test_conditioning_paths(decoder):

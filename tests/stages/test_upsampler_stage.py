@@ -47,15 +47,13 @@ def test_degradation_is_applied_in_training_only(stage, params, monkeypatch):
   assert float(jnp.abs(clean - cond).max()) > 1e-3
 
 
-def test_trained_on_crops_sharded_and_sampled_at_full_size_and_any_size(stage):
+def test_trained_on_crops_and_sampled_at_full_size_and_any_size(stage):
+  """(The U-Net's sharded training is tested on the decoder, which shares it.)"""
   config = stage.config.copy_and_resolve_references()
   assert config.upsampler.crop_size < config.data.resolution
   batches = helpers.take_batches(stage, config, 2)
   state, losses = helpers.run_train_steps(stage, config, helpers.mesh((1, 1, 1), 1), batches)
   assert all(np.isfinite(losses))
-  config.mesh.shape = (8, 1, 1)    # data-parallel over 8 devices: the same losses
-  _, sharded = helpers.run_train_steps(stage, config, helpers.mesh((8, 1, 1), 8), batches)
-  np.testing.assert_allclose(sharded, losses, rtol=1e-4)
   # The first conv sees 6 channels (noisy image + upsampled conditioning) and nothing in the
   # parameters depends on the crop size.
   assert state.params['conv_in']['kernel'].shape[2] == 6

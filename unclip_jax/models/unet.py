@@ -10,6 +10,11 @@ One module serves the unCLIP decoder and its upsamplers (Ramesh et al. 2022):
   the caller concatenates the upsampled low-resolution image to the input channels. The network is
   fully convolutional, so it trains on crops and samples at full size.
 
+With `patch_size` p > 1 the network runs on a grid p times coarser: each p×p patch of pixels is
+folded into the channels on the way in and unfolded on the way out (space-to-depth, as "simple
+diffusion", Hoogeboom et al. 2023, does for high resolutions), which divides the cost of the
+finest level by p² for the same widths.
+
 Layout: images are NHWC. Parameters are float32; activations are computed in `dtype`; group-norm
 statistics, softmax and the final output are float32. Every parameter carries logical axis names:
 conv kernels `(None, None, 'conv_in', 'conv_out')` and biases `('conv_out',)`, except that the
@@ -68,6 +73,24 @@ def conv(features: int, kernel_size: int, *, dtype: Dtype, strides: int = 1,
                  padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=_boxed(kernel_init, axes),
                  bias_init=_boxed(nn.initializers.zeros, axes[-1:]), name=name)
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] → [B, H/p, W/p, p·p·C]: each p×p patch's pixels become channels."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of `space_to_depth`."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -259,11 +282,11 @@ class UNet(nn.Module):
     out_channels: e.g. 3 (ε or x₀), 6 (plus the learned-variance interpolation).
     num_res_blocks: residual blocks per level on the way down (one more on the way up).
     attention_resolutions: DOWNSAMPLING FACTORS (not pixel sizes) at which attention follows each
-      residual block, each a power of two up to 2**(len(channel_mult) - 1). A 64px decoder that
-      attends at 32, 16 and 8 pixels uses (2, 4, 8). Factors keep the model size-agnostic. The
-      middle block attends iff this is non-empty; () gives a purely convolutional network.
+      residual block: level l works at factor patch_size · 2**l. A 64px decoder that attends at
+      32, 16 and 8 pixels uses (2, 4, 8). Factors keep the model size-agnostic. The middle block
+      attends iff this is non-empty; () gives a purely convolutional network.
     channel_mult: per-level channel multipliers; len(channel_mult) - 1 downsamplings, so H and W
-      must be divisible by 2**(len(channel_mult) - 1).
+      must be divisible by `size_factor` = patch_size · 2**(len(channel_mult) - 1).
     num_head_channels: channels per attention head (heads = channels / num_head_channels).
     dropout: dropout rate inside the residual blocks (active when `train`).
     use_scale_shift_norm: condition by GN(h)·(1 + scale) + shift (else by adding to h).
@@ -273,6 +296,7 @@ class UNet(nn.Module):
       instance norm and erases each channel's spatial mean; a small model trained on crops then
       gets the absolute colours of larger images wrong. Use fewer groups for narrow models.
     remat: rematerialise residual and attention blocks in the backward pass.
+    patch_size: p×p pixels per position of the finest level (space-to-depth); 1 is ADM's.
     dtype: compute dtype (parameters stay float32).
   """
   model_channels: int
@@ -287,6 +311,7 @@ class UNet(nn.Module):
   context_dim: Optional[int] = None
   norm_groups: int = 32
   remat: bool = False
+  patch_size: int = 1
   dtype: Dtype = jnp.float32
 
   @property
@@ -296,8 +321,8 @@ class UNet(nn.Module):
 
   @property
   def size_factor(self) -> int:
-    """H and W must be multiples of this: 2**(len(channel_mult) - 1)."""
-    return 2 ** (len(self.channel_mult) - 1)
+    """H and W must be multiples of this: patch_size · 2**(len(channel_mult) - 1)."""
+    return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, emb_extra: Optional[jax.Array] = None,
@@ -336,15 +361,16 @@ class UNet(nn.Module):
     def res_block(h, channels, name, **kw):
       return _constrain(res(channels, name=name, **res_kw, **kw)(h, emb, train))
 
+    p = self.patch_size
     h = _constrain(conv(self.model_channels * self.channel_mult[0], 3, dtype=self.dtype,
                         axes=(None, None, 'channels', 'conv_out'),
-                        name='conv_in')(x.astype(self.dtype)))
+                        name='conv_in')(space_to_depth(x.astype(self.dtype), p)))
     skips = [h]
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
         h = res_block(h, mult * self.model_channels, f'down_{level}_res_{i}')
-        if 2 ** level in attends:
+        if p * 2 ** level in attends:
           h = attention(h, f'down_{level}_attn_{i}')
         skips.append(h)
       if level < last:
@@ -364,7 +390,7 @@ class UNet(nn.Module):
       channels = self.channel_mult[level] * self.model_channels
       for i in range(self.num_res_blocks + 1):
         h = res_block(jnp.concatenate([h, skips.pop()], axis=-1), channels, f'up_{level}_res_{i}')
-        if 2 ** level in attends:
+        if p * 2 ** level in attends:
           h = attention(h, f'up_{level}_attn_{i}')
       if level > 0:
         name = f'up_{level}_upsample'
@@ -374,8 +400,8 @@ class UNet(nn.Module):
           h = _constrain(Upsample(self.dtype, name=name)(h))
 
     h = nn.silu(GroupNorm(self.norm_groups, dtype=jnp.float32, name='norm_out')(h))
-    return conv(self.out_channels, 3, dtype=jnp.float32, zero_init=True,
-                axes=(None, None, 'conv_in', 'channels'), name='conv_out')(h)
+    return depth_to_space(conv(self.out_channels * p * p, 3, dtype=jnp.float32, zero_init=True,
+                               axes=(None, None, 'conv_in', 'channels'), name='conv_out')(h), p)
 
   def _embed_time(self, t: jax.Array, batch: int) -> jax.Array:
     """t [B] → sinusoidal(model_channels) → Dense(E) → SiLU → Dense(E): [B, E] float32."""
@@ -389,18 +415,21 @@ class UNet(nn.Module):
   def _check(self, x, emb_extra, encoder_states, encoder_mask):
     """Raises ValueError for inputs or attributes this model cannot use."""
     levels = len(self.channel_mult)
-    factors = [2 ** level for level in range(levels)]
+    if self.patch_size < 1:
+      raise ValueError(f'patch_size must be >= 1, got {self.patch_size}')
+    factors = [self.patch_size * 2 ** level for level in range(levels)]
     bad = [r for r in self.attention_resolutions if r not in factors]
     if bad:
       raise ValueError(f'attention_resolutions {tuple(self.attention_resolutions)} are '
                        f'downsampling factors; {bad} is not one of {factors} '
-                       f'(len(channel_mult) = {levels})')
+                       f'(patch_size {self.patch_size}, len(channel_mult) = {levels})')
     if x.ndim != 4:
       raise ValueError(f'x must be [B, H, W, C], got shape {x.shape}')
     height, width = x.shape[1:3]
     if height % self.size_factor or width % self.size_factor:
       raise ValueError(f'image size {height}x{width} is not divisible by {self.size_factor} '
-                       f'(2**(len(channel_mult) - 1) for channel_mult {tuple(self.channel_mult)})')
+                       f'(patch_size · 2**(len(channel_mult) - 1) for patch_size '
+                       f'{self.patch_size}, channel_mult {tuple(self.channel_mult)})')
     b = x.shape[0]
     if emb_extra is not None and emb_extra.shape != (b, self.emb_dim):
       raise ValueError(f'emb_extra must have shape [B, E] = {(b, self.emb_dim)} '

@@ -81,11 +81,12 @@ def check_config(config):
   if u.crop_size and not 0 < u.crop_size <= r:
     raise ValueError(f'config.upsampler.crop_size: {u.crop_size} must be in (0, {r}] '
                      '(0 trains on whole images)')
-  factor = 2 ** (len(config.model.unet.channel_mult) - 1)
+  unet = config.model.unet
+  factor = unet.get('patch_size', 1) * 2 ** (len(unet.channel_mult) - 1)
   for name, size in (('crop_size', u.crop_size or r), ('data.resolution', r)):
     if size % factor:
       raise ValueError(f'config.upsampler.{name}: {size} is not divisible by {factor} '
-                       '(2**(len(channel_mult) - 1))')
+                       '(patch_size · 2**(len(channel_mult) - 1))')
   if u.degradation not in degradations.KINDS:
     raise ValueError(f'config.upsampler.degradation: {u.degradation!r} is not one of '
                      f'{degradations.KINDS}')
