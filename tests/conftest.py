@@ -36,14 +36,16 @@ def pytest_configure(config):
 # --config=configs/unclip.py:tiny`), shortened, as a subprocess on one device. It starts when the
 # data directory is made and trains while the in-process tests run; the tests that read it go
 # last. Its stages are the learning checks: CLIP, the prior on the CLIP's precomputed 32px
-# embeddings, the decoder at 16px (the CLIP sees the images resized to its 32px), and a 16→32px
-# upsampler trained only briefly (its learning is not checked here).
+# embeddings, the decoder at 16px (the CLIP sees the images resized to its 32px; at this size
+# without the tiny preset's 2x2 patches), and a 16→32px upsampler trained only briefly (its
+# learning is not checked here).
 JOB_RUN = (
     '--config.clip.num_train_steps=300', '--config.clip.optim.warmup_steps=50',
     '--config.prior.num_train_steps=300', '--config.prior.batch_size=64',
     '--config.prior.eval.num_examples=128', '--config.prior.eval.batch_size=128',
     '--config.decoder.num_train_steps=200', '--config.decoder.batch_size=32',
-    '--config.decoder.data.resolution=16', '--config.decoder.eval.num_examples=32',
+    '--config.decoder.data.resolution=16', '--config.decoder.model.unet.patch_size=1',
+    '--config.decoder.eval.num_examples=32',
     '--config.upsampler.num_train_steps=20', '--config.upsampler.data.resolution=32',
     '--config.upsampler.eval.num_examples=32',
     '--config.sample.num_prompts=12', '--config.sample.batch_size=12',
