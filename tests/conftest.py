@@ -113,14 +113,6 @@ def decoder_run(job_run):
   return _stage_run(job_run, 'decoder')
 
 
-def perturbed(params, seed):
-  """Random params away from the zero-initialised output layers (so outputs depend on them)."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope='session')
 def untrained_run(data_dir, tmp_path_factory):
   """An untrained tiny system saved as a run: clip/, prior/, decoder/ (16px), upsampler/ (→32px)."""
@@ -134,12 +126,12 @@ def untrained_run(data_dir, tmp_path_factory):
                           ('decoder', helpers.tiny_decoder_config, decoder_stage.Stage)):
     config = make(data_dir, None, **{'sampling.steps': '3'})
     stage = cls(config, clip=clip)
-    params = perturbed(stages.init_params(stage, jax.random.PRNGKey(1)), 2)
+    params = helpers.perturbed(stages.init_params(stage, jax.random.PRNGKey(1)), 2)
     config.clip.workdir = os.path.join(root, 'clip')
     export.save_export(os.path.join(root, name, 'export'), params, config)
   config = helpers.tiny_upsampler_config(data_dir, **{'data.resolution': 32, 'sampling.steps': '3'})
   stage = upsampler_stage.Stage(config)
-  params = perturbed(stages.init_params(stage, jax.random.PRNGKey(3)), 4)
+  params = helpers.perturbed(stages.init_params(stage, jax.random.PRNGKey(3)), 4)
   export.save_export(os.path.join(root, 'upsampler', 'export'), params, config)
   return root
 

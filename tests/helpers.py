@@ -65,6 +65,15 @@ def take_batches(stage, config, n):
   return [{k: b[k] for k in keys} for b in (next(it) for _ in range(n))]
 
 
+def perturbed(params, seed: int, scale: float = 0.02):
+  """params + scale·N(0, 1) (numpy noise: nothing to compile): away from the zero-initialised
+  output layers, so that outputs depend on every input and parameter."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+
+
 def run_train_steps(stage, config, mesh_, batches):
   """Creates the sharded state on `mesh_` and runs the compiled step; (state, losses)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top

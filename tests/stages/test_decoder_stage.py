@@ -21,11 +21,7 @@ def stage(data_dir):
 
 def _perturbed_params(stage):
   params = stages.init_params(stage, jax.random.PRNGKey(0), batch_size=2)
-  # Move away from the zero-initialised output so that samples depend on the conditioning.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
+  return helpers.perturbed(params, 1)   # away from the zero-initialised output
 
 
 @pytest.fixture(scope='module')

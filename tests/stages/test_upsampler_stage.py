@@ -21,10 +21,7 @@ def stage(data_dir):
 @pytest.fixture(scope='module')
 def params(stage):
   params = stages.init_params(stage, jax.random.PRNGKey(0), batch_size=2)
-  leaves, tree = jax.tree.flatten(params)   # away from the zero-initialised output
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
+  return helpers.perturbed(params, 1)   # away from the zero-initialised output
 
 
 def test_degradation_is_applied_in_training_only(stage, params, monkeypatch):

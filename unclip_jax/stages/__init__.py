@@ -33,6 +33,10 @@ def init_params(stage, rng, batch_size: int = 1):
   Works under `jax.eval_shape` too (shapes only, nothing allocated).
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in stage.batch_spec(batch_size).items()}
-  return nn.unbox(stage.init(rng, batch))['params']
+
+  def init(rng):   # one compiled program, not one per operation
+    batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in stage.batch_spec(batch_size).items()}
+    return nn.unbox(stage.init(rng, batch))['params']
+  return jax.jit(init)(rng)

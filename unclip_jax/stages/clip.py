@@ -324,7 +324,7 @@ def random_clip(config: ml_collections.ConfigDict, seed: int = 0) -> FrozenClip:
   """An untrained CLIP of the given config (for compiling and benchmarking later stages)."""
   from unclip_jax import stages  # pylint: disable=g-import-not-at-top
   stage = Stage(config)
-  params = jax.jit(lambda rng: stages.init_params(stage, rng))(jax.random.PRNGKey(seed))
+  params = stages.init_params(stage, jax.random.PRNGKey(seed))
   return FrozenClip(stage, params)
 
 
