@@ -74,6 +74,26 @@ def perturbed(params, seed: int, scale: float = 0.02):
   return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
 
 
+def rbg_key(seed: int = 0):
+  """A random key of the rbg generator, which compiles much faster than threefry on CPU (the
+  tests only need some init)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.random.key(seed, impl='rbg')
+
+
+def random_params(init, *args, scale: float = 0.1, seed: int = 0, **kwargs):
+  """Random parameters of the shapes `init(key, *args, **kwargs)` (a module's `init`) gives,
+  without compiling it: scale·N(0, 1), with norm scales near 1."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  shapes = nn.unbox(jax.eval_shape(functools.partial(init, **kwargs), rbg_key(), *args))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes['params'])
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 1 if path[-1].key == 'scale' else p, perturbed(zeros, seed, scale))
+
+
 def run_train_steps(stage, config, mesh_, batches):
   """Creates the sharded state on `mesh_` and runs the compiled step; (state, losses)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top

@@ -1,13 +1,14 @@
 """The unCLIP decoder's conditioning: CLIP embedding into time embedding and context tokens,
 caption tokens in attention, null embedding and caption dropping for guidance."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from unclip_jax.models.decoder import UnclipDecoder
+
+from tests import helpers
 
 D, W, L = 8, 12, 5
 UNET = dict(model_channels=32, out_channels=6, num_res_blocks=1, channel_mult=(1, 2),
@@ -22,23 +23,16 @@ def _inputs(rng):
               caption_mask=jnp.array([[True] * 3 + [False] * 2] * 2))
 
 
-def _key(seed=0):
-  # The rbg PRNG compiles much faster than threefry on CPU; the tests only need some init.
-  return jax.random.key(seed, impl='rbg')
+_key = helpers.rbg_key
 
 
 @pytest.fixture(scope='module')
 def decoder():
   model = UnclipDecoder(unet=UNET, clip_dim=D, context_width=16)
   inputs = _inputs(np.random.default_rng(0))
-  # Random values of the parameters' shapes (no init to compile): zero-initialised output
-  # layers would make the output exactly 0 and hide every conditioning path.
-  shapes = nn.unbox(jax.eval_shape(lambda k: model.init(k, **inputs), _key()))['params']
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape, np.float32)),
-                        shapes)
-  params = jax.tree_util.tree_map_with_path(   # GroupNorm/LayerNorm scales near 1
-      lambda path, p: p + 1 if path[-1].key == 'scale' else p, params)
+  # Random values (no init to compile): zero-initialised output layers would make the output
+  # exactly 0 and hide every conditioning path.
+  params = helpers.random_params(lambda k: model.init(k, **inputs), scale=0.05, seed=1)
   return model, params, inputs
 
 

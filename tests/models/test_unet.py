@@ -13,6 +13,8 @@ from unclip_jax.convert.diffusers_unet import convert_unet2d, unet_kwargs
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.models.unet import AttentionBlock, ResBlock, UNet
 
+from tests import helpers
+
 CONTEXT_DIM = 8
 # Decoder-like: three levels (sizes must be multiples of 4), attention at the factor-2 level and
 # in the middle, encoder states.
@@ -28,9 +30,7 @@ EMB = 4 * 32
 _jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
-def _key(seed=0):
-  # The rbg PRNG compiles much faster than threefry on CPU; the tests only need some init.
-  return jax.random.key(seed, impl='rbg')
+_key = helpers.rbg_key
 
 
 def _normal(shape, seed, scale=1.0):
@@ -39,17 +39,12 @@ def _normal(shape, seed, scale=1.0):
 
 def _perturb(params, scale=0.05, seed=0):
   """params + scale·N(0, 1): moves every zero-initialised layer away from zero."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params)
+  return helpers.perturbed(params, seed, scale)
 
 
 def _random_params(model, *args, **kwargs):
   """Random parameters of the right shapes without compiling an init (GroupNorm scales ≈ 1)."""
-  shapes = nn.unbox(jax.eval_shape(functools.partial(model.init, **kwargs), _key(), *args))
-  zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes['params'])
-  params = _perturb(zeros, scale=0.1)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p: p + 1 if path[-1].key == 'scale' else p, params)
+  return helpers.random_params(model.init, *args, **kwargs)
 
 
 @pytest.fixture(scope='module')
