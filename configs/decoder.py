@@ -3,7 +3,7 @@ r"""Decoder stage: a GLIDE/ADM U-Net that turns CLIP image embeddings into image
 Presets:
   tiny   32x32 captioned_shapes on the tiny CLIP (the data's native resolution in the tiny
          pipeline); 2x2 patches in and out (the finest level at 16x16), 32 channels, mult 1,2,2,
-         v-prediction, DDIM sampling (see below); ~7 minutes on a 2-core CPU.
+         v-prediction, DDIM sampling (see below); ~8 minutes on a 2-core CPU.
   karlo  kakaobrain's karlo decoder sizes: 64x64, 320 channels, mult 1,2,3,4, 3 res blocks,
          attention at 32/16/8 with 64 channels per head, context width 1536, CLIP ViT-L/14
          (~885M). Builds and compiles; train on accelerators.
@@ -13,10 +13,11 @@ Run (after the CLIP stage):
   python -m unclip_jax.main --config=configs/decoder.py:tiny --workdir=runs/decoder \
       --config.clip.workdir=runs/clip
 
-Expected (tiny, 2000 steps, ~7 min on 2 CPU cores): samples decoded from 128 held-out images'
-CLIP embeddings have those images' background colour (~1.0) and shape colour (~0.96; chance 1/8
-for both), read from pixels by unclip_jax.data.shape_checker, and their shape in about half of
-them (0.52; chance 0.2); see eval_metrics.json and the sample grids in runs/decoder/samples.
+Expected (tiny, 4000 steps at batch 16, ~8 min on 2 CPU cores): samples decoded from 128
+held-out images' CLIP embeddings have those images' background colour (~1.0) and shape colour
+(~0.97; chance 1/8 for both), read from pixels by unclip_jax.data.shape_checker, and their shape
+in about two thirds of them (0.68; chance 0.2); see eval_metrics.json and the sample grids in
+runs/decoder/samples.
 """
 
 import ml_collections
@@ -92,14 +93,21 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # alone); 64 held-out images leave about ±0.06 of noise on each.
     c.diffusion.min_snr_gamma = 5.0
     c.decoder.text_drop_prob = 0.1
-    c.num_train_steps = 2000
     c.model.unet.resblock_updown = False   # plain conv up/downsampling: 15% cheaper on CPU
     # 2x2 patches (space-to-depth): the finest level works at 16x16 for 32px images, so an image
-    # costs ~3.5x less (a step at batch 32: 0.22-0.24 s on 2 CPU cores; unpatched at batch 16:
-    # 0.38-0.41 s), and in the same 7 minutes the decoder sees 64k images instead of 14k.
-    # Held-out reconstructions then get the shape right in 52% of cases (128 images) against 26%
-    # unpatched.
+    # costs ~3.5x less than unpatched, and held-out reconstructions get the shape right in 52%
+    # of cases (128 images) against 26% unpatched in the same 7 minutes.
     c.model.unet.patch_size = 2
+    # Batch 16 and twice the steps: on CPU a step costs in proportion to its batch (0.11 s at
+    # 16, 0.20 s at 32, 0.057 s at 8; benchmarks/train_step.py), and for the same 64k images
+    # 4000 steps of 16 redraw 68% of held-out shapes against 56% for 2000 of 32 (and 57% for
+    # 8000 of 8).
+    c.batch_size = 16
+    c.num_train_steps = 4000
+    c.optim.warmup_steps = 200
+    # Fixed (posterior) variance instead of the paper's learned one: DDIM ignores the variance,
+    # and without the hybrid loss's VB term a step is ~7% cheaper (56% vs 52% of shapes).
+    c.diffusion.var_type = 'fixed_small'
     # DDIM (eta 0): the same decoder redraws 52% of shapes against 42% with 25 DDPM steps.
     c.sampling.sampler = 'ddim'
   elif arg in ('karlo', 'paper'):

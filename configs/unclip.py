@@ -54,9 +54,13 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # need a few hundred steps; its shapes far more than this budget: see the README).
     c.clip.num_train_steps = 400
     c.prior.num_train_steps = 300
-    c.decoder.num_train_steps = 1700      # batch 32: 54k images, ~7.5 minutes
-    c.upsampler.num_train_steps = 300
-    c.upsampler.data.num_train = 3000     # 300 steps of 32 crops; the 64px data renders slowly
+    c.prior.batch_size = 64               # half the time of 128 (76 s vs 121 s), as good here
+    c.decoder.num_train_steps = 3900      # batch 16: 62k images, ~8.5 minutes
+    # Batch 16 for twice the steps (a step's cost is proportional to its batch on CPU): PSNR
+    # 30.6 dB and shapes kept as well as bicubic (0.94), against 29.3 dB and 0.89 at 300 x 32.
+    c.upsampler.batch_size = 16
+    c.upsampler.num_train_steps = 600
+    c.upsampler.data.num_train = 3000     # 600 steps of 16 crops; the 64px data renders slowly
     c.upsampler.sampling.steps = '10'   # reads as well as 27 steps here, at 2.7x less time
     for name in ('prior', 'decoder', 'upsampler'):
       c[name].eval.num_examples = 64

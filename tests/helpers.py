@@ -165,6 +165,7 @@ def tiny_decoder_config(data_dir: str, clip_workdir=None, **overrides):
   c.clip.workdir = clip_workdir
   c.model.unet.update(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,))
   c.model.context_width = 32
+  c.diffusion.var_type = 'learned_range'   # the paper's and karlo's (tiny's is fixed_small)
   c.sampling.steps = '4'
   c.sampling.num_images = 4
   c.checkpoint.every_steps = 0
