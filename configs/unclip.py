@@ -19,10 +19,10 @@ pixel checker (unclip_jax.data.shape_checker) reads as the prompt says, next to 
 of the dataset's own images, and each stage's time and evaluation. Running it again resumes;
 finished stages are skipped.
 
-Expected (tiny, 14 min 34 s on 2 CPU cores including the dataset): generated images' background
-colour 1.00 and shape colour 0.98 as prompted (dataset images 1.00, 1.00); shape 0.33 (chance
-0.2): the decoder's 1700 steps redraw 0.39 of held-out images' shapes (2000 steps, a 16-minute
-job: 0.47, and 0.48 of the generated images).
+Expected (tiny, 14 min 37 s on 2 CPU cores including the dataset): generated images' background
+colour 1.00 and shape colour 1.00 as prompted (dataset images 1.00, 1.00); shape 0.59 (chance
+0.2; 0.55-0.61 over sampling seeds): the decoder's 3900 steps redraw 0.66 of held-out images'
+shapes.
 """
 
 import ml_collections
@@ -51,7 +51,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
 
   if arg == 'tiny':
     # Lengths chosen to fit 15 minutes on 2 CPU cores, most of it for the decoder (its colours
-    # need a few hundred steps; its shapes far more than this budget: see the README).
+    # need a few hundred steps; its shapes more than this budget: see the README).
     c.clip.num_train_steps = 400
     c.prior.num_train_steps = 300
     c.prior.batch_size = 64               # half the time of 128 (76 s vs 121 s), as good here
