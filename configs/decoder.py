@@ -90,7 +90,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # Min-SNR-5 weighting and the caption dropped 10% of the time (not the paper's 50%): the
     # 800-step job decoder then reproduced held-out images' shapes in 31-48% of cases over two
     # runs (colour 98%), against 14-23% with plain v-prediction and 50% drop (30% with min-SNR
-    # alone); 64 held-out images leave about ±0.06 of noise on each.
+    # alone); 64 held-out images leave about ±0.06 of noise on each. At 4000 steps of 16, 128
+    # held-out shapes: γ=5 0.68, γ=2 0.58, γ=20 0.57.
     c.diffusion.min_snr_gamma = 5.0
     c.decoder.text_drop_prob = 0.1
     c.model.unet.resblock_updown = False   # plain conv up/downsampling: 15% cheaper on CPU
