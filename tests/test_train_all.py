@@ -52,3 +52,31 @@ def test_job_trains_every_stage_then_samples_scores_and_skips_finished_stages(jo
   for name in train_all.STAGES:
     assert again[name]['eval'] == report['stages'][name]['eval']
     assert again[name]['seconds'] < 5, name
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'gpu'])
+def test_job_presets_are_valid_and_chain(preset):
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = unclip_configs.get_config(preset)
+  for name in train_all.STAGES:
+    config_lib.validate(config[name], num_devices=1)
+  train_all.check_chain(config)
+  up = config.upsampler
+  assert up.data.resolution == up.upsampler.scale * config.decoder.data.resolution
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('decoder.data.resolution', 64,
+     r'config.upsampler.data.resolution: 64px at upsampler.scale 2 takes 32px images, but the '
+     r'decoder draws 64px .* set the upsampler to 128px'),
+    ('upsampler.data.resolution', 72, r'takes 36px images'),
+    ('prior.clip.normalize', False, r'config.prior.clip.normalize \(False\) and '
+                                    r'config.decoder.clip.normalize \(True\) differ'),
+])
+def test_job_refuses_stages_that_do_not_chain_before_training(tmp_path, field, value, message):
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = helpers.apply_flag_overrides(unclip_configs.get_config('tiny'),
+                                        (f'--config.{field}={value}',))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train_all.train_stages(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'clip')    # nothing trained

@@ -5,7 +5,9 @@ then draw images for held-out prompts and score them from pixels.
 
 See configs/unclip.py for what it writes. Each stage is an ordinary run directory under the
 workdir (so `unclip_jax.main` and `unclip-sample` work on it); a stage whose checkpoint has
-reached its `num_train_steps` and which has exported is skipped when the job runs again.
+reached its `num_train_steps` and which has exported is skipped when the job runs again. A job
+whose stages could not be chained (an upsampler that does not take the decoder's resolution,
+a prior and decoder that disagree on unit-norm embeddings) is refused before anything trains.
 """
 
 import json
@@ -34,6 +36,27 @@ def define_flags():
 
 STAGES = ('clip', 'prior', 'decoder', 'upsampler')
 CLIP_CONDITIONED = ('prior', 'decoder')
+
+
+def check_chain(config: ml_collections.ConfigDict):
+  """Refuses, before anything trains, a job whose stages could not be chained at sampling time:
+  the upsampler must take the decoder's images, and the prior and decoder must agree on whether
+  CLIP embeddings are unit vectors. Raises config_lib.ConfigError naming the fields."""
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  decoder, up = config.decoder, config.upsampler
+  scale, high = up.upsampler.scale, up.data.resolution
+  if high % scale or high // scale != decoder.data.resolution:
+    raise config_lib.ConfigError(
+        f'config.upsampler.data.resolution: {high}px at upsampler.scale {scale} takes '
+        f'{high / scale:g}px images, but the decoder draws {decoder.data.resolution}px '
+        f'(config.decoder.data.resolution); set the upsampler to '
+        f'{decoder.data.resolution * scale}px')
+  prior_norm = config.prior.clip.get('normalize', True)
+  decoder_norm = decoder.clip.get('normalize', True)
+  if prior_norm != decoder_norm:
+    raise config_lib.ConfigError(
+        f'config.prior.clip.normalize ({prior_norm}) and config.decoder.clip.normalize '
+        f'({decoder_norm}) differ: the decoder would not read the prior\'s embeddings')
 
 
 def _finished(stage_dir: str, config) -> bool:
@@ -86,6 +109,7 @@ def _ensure_embeddings(configs: dict, workdir: str):
 def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or skips, if finished) every stage in order; {stage: {'seconds', 'eval'}}."""
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  check_chain(config)
   configs = stage_configs(config, workdir)
   report = {}
   for name in STAGES:
@@ -181,6 +205,8 @@ def main(argv):
   try:
     for name in STAGES:
       config_lib.validate(FLAGS.config[name], jax.device_count(), jax.process_count())
+    name = 'job'
+    check_chain(FLAGS.config)
   except config_lib.ConfigError as e:
     sys.exit(f'Invalid config ({name}): {e}')
   run(FLAGS.config, FLAGS.workdir)
