@@ -80,3 +80,56 @@ def test_job_refuses_stages_that_do_not_chain_before_training(tmp_path, field, v
   with pytest.raises(config_lib.ConfigError, match=message):
     train_all.train_stages(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'clip')    # nothing trained
+
+
+def _fake_training(monkeypatch, fail=None, wait=10.0):
+  """Replaces the stages' training with a recorder: [(stage, thread name)] in start order. The
+  decoder waits (up to `wait` s) for the upsampler to start, so an overlap is observed, not
+  raced."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  started, upsampler_started = [], threading.Event()
+
+  def fake(config, workdir):
+    del workdir
+    started.append((config.stage, threading.current_thread().name))
+    if config.stage == 'upsampler':
+      upsampler_started.set()
+    if config.stage == 'decoder':
+      started.append(('upsampler started during the decoder', upsampler_started.wait(wait)))
+    if config.stage == fail:
+      raise RuntimeError(f'{fail} failed')
+    return {'metric': 1.0}
+  monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  return started
+
+
+@pytest.mark.parametrize('overlap', [False, True])
+def test_job_trains_the_upsampler_alongside_the_decoder_when_asked(tmp_path, monkeypatch, overlap):
+  started = _fake_training(monkeypatch, wait=10.0 if overlap else 0.1)
+  config = unclip_configs.get_config('tiny')
+  config.precompute_embeddings = False
+  config.overlap_upsampler = overlap
+  report = train_all.train_stages(config, str(tmp_path / 'run'))
+  assert list(report) == list(train_all.STAGES)          # the report keeps the stages' order
+  assert all(report[name]['eval'] == {'metric': 1.0} for name in train_all.STAGES)
+  names = [s for s, _ in started if s in train_all.STAGES]
+  threads = {s: t for s, t in started if s in train_all.STAGES}
+  main = threads['clip']
+  if overlap:
+    assert names == ['clip', 'prior', 'upsampler', 'decoder'] or names == [
+        'clip', 'prior', 'decoder', 'upsampler']
+    assert ('upsampler started during the decoder', True) in started
+    assert threads['upsampler'] != main and threads['decoder'] == main
+  else:
+    assert names == list(train_all.STAGES)
+    assert ('upsampler started during the decoder', False) in started
+    assert set(threads.values()) == {main}
+
+
+def test_job_raises_the_overlapped_upsamplers_error(tmp_path, monkeypatch):
+  _fake_training(monkeypatch, fail='upsampler')
+  config = unclip_configs.get_config('tiny')
+  config.precompute_embeddings = False
+  with pytest.raises(RuntimeError, match='upsampler failed'):
+    train_all.train_stages(config, str(tmp_path / 'run'))

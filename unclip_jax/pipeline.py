@@ -170,7 +170,7 @@ class UnclipPipeline:
 
   @classmethod
   def from_run(cls, root: str):
-    """Loads a run of the whole system (`unclip_jax.main_job`): root/{clip,prior,decoder,
+    """Loads a run of the whole system (`unclip_jax.train_all`): root/{clip,prior,decoder,
     upsampler*}."""
     if not os.path.isdir(root):
       raise FileNotFoundError(f'no run directory at {root}')

@@ -179,7 +179,8 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
 
   Args:
     data_config: dataset config (see ``get_source``), plus ``worker_count``
-      (0 = decode in this process).
+      (0 = decode in this process), ``read_threads`` (0 = read records in the
+      consuming thread) and ``read_buffer`` (records read ahead by them).
     split: 'train' or 'test'.
     batch_size: per-process batch size; incomplete batches are dropped.
     tokenizer: callable list[str] -> int32 [B, L]; must be picklable when
@@ -218,8 +219,12 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
   if tokenizer is not None:
     operations.append(Tokenize(tokenizer))
   operations += _embedding_ops(data_config, split)
+  read_threads = data_config.get('read_threads', 16)
+  read_options = grain.ReadOptions(
+      num_threads=read_threads,
+      prefetch_buffer_size=data_config.get('read_buffer', 500) if read_threads else 0)
   loader = grain.DataLoader(data_source=data_source, sampler=sampler, operations=operations,
-                            worker_count=worker_count)
+                            worker_count=worker_count, read_options=read_options)
   return iter(loader)
 
 
