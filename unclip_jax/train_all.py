@@ -114,6 +114,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   the dataset, trains in a second thread while the decoder trains: on a few CPU cores neither
   step uses every core, so the two together get more done than one after the other.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
   check_chain(config)
   configs = stage_configs(config, workdir)
@@ -134,7 +135,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics = train.train_and_evaluate(configs[name], stage_dir)
     report[name] = {'seconds': round(time.perf_counter() - start, 1), 'eval': metrics}
 
-  overlap = config.get('overlap_upsampler', False) and _process_count() == 1
+  overlap = config.get('overlap_upsampler', False) and jax.process_count() == 1
   background = None
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     for name in STAGES:
@@ -146,11 +147,6 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if background is not None:
       background.result()   # re-raises the upsampler's error, if it had one
   return {name: report[name] for name in STAGES}
-
-
-def _process_count() -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_count()
 
 
 def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
