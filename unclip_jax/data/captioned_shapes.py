@@ -146,18 +146,33 @@ def render(attrs: dict[str, int], resolution: int,
 
   big = resolution * SUPERSAMPLE
   img = Image.new('RGB', (big, big), bg)
-  draw = ImageDraw.Draw(img)
+  _draw_shape(ImageDraw.Draw(img), shape, cx, cy, s, big, fg)
+  arr = np.asarray(img, dtype=np.float32)
+  arr = arr.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean((1, 3))
+  return np.round(arr).astype(np.uint8)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float,
+                big: int, fill) -> None:
+  """Draws a shape centred at normalised (cx, cy) with box side s on a big x big canvas."""
   # Pixel (i, j) covers [i, i+1) in PIL's coordinates: scale by `big`.
   if shape == 'circle':
     h = s / 2
     draw.ellipse([(cx - h) * big, (cy - h) * big, (cx + h) * big - 1,
-                  (cy + h) * big - 1], fill=fg)
+                  (cy + h) * big - 1], fill=fill)
   else:
     draw.polygon([(x * big, y * big) for x, y in _shape_polygon(shape, cx, cy, s)],
-                 fill=fg)
-  arr = np.asarray(img, dtype=np.float32)
-  arr = arr.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean((1, 3))
-  return np.round(arr).astype(np.uint8)
+                 fill=fill)
+
+
+def shape_coverage(shape: str, cx: float, cy: float, s: float, resolution: int) -> np.ndarray:
+  """The fraction of each pixel a shape covers, as `render` draws it (to steps of 1/255):
+  float32 [res, res] in [0, 1] for a shape centred at normalised (cx, cy) whose bounding box is
+  s wide (a star's is 0.95 s high, every other shape's s)."""
+  big = resolution * SUPERSAMPLE
+  img = Image.new('L', (big, big), 0)
+  _draw_shape(ImageDraw.Draw(img), shape, cx, cy, s, big, 255)
+  return np.asarray(img.reduce(SUPERSAMPLE), np.float32) * (1 / 255)
 
 
 # --------------------------------------------------------------------------
