@@ -1,7 +1,13 @@
-"""The pixel-based checker reads real captioned_shapes images correctly."""
+"""The pixel-based checker reads real captioned_shapes images correctly, and generated ones as
+the eye does."""
+
+import json
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 from unclip_jax.data import captioned_shapes as cs
 from unclip_jax.data import shape_checker
@@ -25,7 +31,7 @@ def test_colours_of_real_images(resolution):
 @pytest.mark.parametrize('resolution', [32, 64])
 def test_shapes_of_real_images(resolution):
   images, labels = _examples(resolution)
-  assert shape_checker.score(images, labels)['shape_accuracy'] >= 0.97
+  assert shape_checker.score(images, labels)['shape_accuracy'] >= 0.99
 
 
 def test_float_images_and_blank_images():
@@ -46,3 +52,89 @@ def test_shapes_of_noisy_images():
   scores = shape_checker.score(noisy, labels)
   assert scores['background_accuracy'] == 1.0 and scores['color_accuracy'] >= 0.99
   assert scores['shape_accuracy'] >= 0.9
+
+
+def test_shape_coverage_is_what_render_draws():
+  rng = np.random.default_rng(3)
+  for shape_index, shape in enumerate(cs.SHAPES):
+    attrs = dict(cs.sample_attributes(rng), shape=shape_index, size=1, position=4)
+    image = cs.render(attrs, 32, np.random.default_rng(7)).astype(np.float32)
+    # render's draws: colour jitter (2 x 3 integers), then the centre (2) and size (1) jitter.
+    jitter = np.random.default_rng(7)
+    jitter.integers(-cs.COLOR_JITTER, cs.COLOR_JITTER + 1, 3)
+    jitter.integers(-cs.COLOR_JITTER, cs.COLOR_JITTER + 1, 3)
+    cx, cy = 0.5 + jitter.uniform(-1, 1, 2) * cs.POSITION_JITTER
+    s = cs.SIZE_FRACTIONS['medium'] * (1 + jitter.uniform(-1, 1) * cs.SIZE_JITTER)
+    coverage = cs.shape_coverage(shape, cx, cy, s, 32)
+    bg, fg = image[0, 0], image[16, 16]   # the centre of every shape is filled
+    np.testing.assert_allclose(bg + coverage[..., None] * (fg - bg), image, atol=1.5)
+
+
+def _degraded_outlines(n, rng, resolution=64):
+  """Dataset shapes with a generator's typical flaws, labels known: corners rounded (the outline
+  blurred by 1 pixel and re-sharpened) and edges made wavy (a smooth displacement of up to 1
+  pixel)."""
+  images, shapes = [], []
+  for _ in range(n):
+    attrs = cs.sample_attributes(rng)
+    row, col = divmod(attrs['position'], 3)
+    shape = cs.SHAPES[attrs['shape']]
+    coverage = cs.shape_coverage(shape, cs._GRID[col], cs._GRID[row],  # pylint: disable=protected-access
+                                 cs.SIZE_FRACTIONS[cs.SIZES[attrs['size']]], resolution)
+    coverage = np.clip((ndimage.gaussian_filter(coverage, 1.0) - 0.5) * 2.5 + 0.5, 0, 1)
+    shift = [ndimage.gaussian_filter(rng.normal(size=coverage.shape), 2.5) for _ in range(2)]
+    yy, xx = np.indices(coverage.shape)
+    coverage = ndimage.map_coordinates(
+        coverage, [yy + shift[0] / np.abs(shift[0]).max(), xx + shift[1] / np.abs(shift[1]).max()],
+        order=1, mode='nearest')
+    fg = np.array(cs.COLORS[cs.ATTRIBUTES['color'][attrs['color']]], np.float32)
+    bg = np.array(cs.COLORS[cs.ATTRIBUTES['background'][attrs['background']]], np.float32)
+    images.append(np.clip(bg + coverage[..., None] * (fg - bg), 0, 255).round().astype(np.uint8))
+    shapes.append(attrs['shape'])
+  return np.stack(images), np.array(shapes)
+
+
+def test_shapes_with_rounded_corners_and_wavy_edges():
+  """A generator's flaws must not change the class of a shape that stays recognisable (measured:
+  all circles, squares, triangles and crosses; 0.79 of the stars, whose thin points the rounding
+  eats)."""
+  images, shapes = _degraded_outlines(150, np.random.default_rng(0))
+  read = [shape_checker.analyze(image)['shape'] for image in images]
+  hits = np.array([r == cs.SHAPES[s] for r, s in zip(read, shapes)])
+  not_star = shapes != cs.SHAPES.index('star')
+  assert not_star.sum() >= 100 and hits[not_star].mean() >= 0.98, hits[not_star].mean()
+  assert hits.mean() >= 0.9, hits.mean()
+
+
+def test_a_stray_speck_does_not_stretch_the_shape():
+  images, labels = _examples(64, n=40)
+  speck = images.copy()
+  for image, bg in zip(speck, images[:, 0, 0]):   # 3x3 pixels of another colour in a corner
+    image[1:4, 1:4] = 255 - bg
+  assert shape_checker.score(speck, labels)['shape_accuracy'] >= 0.97
+
+
+def test_generated_images_read_as_by_eye():
+  """96 generated images (the main job's), each read by eye without its prompt: the checker must
+  agree with the eye on at least 85% (it agrees on 87 of 96; a checker of bounding-box fill
+  ratios agreed on 58, reading squares with soft corners as circles)."""
+  here = os.path.dirname(__file__)
+  meta = json.load(open(os.path.join(here, 'generated_shapes_64px.json')))
+  grid = np.asarray(Image.open(os.path.join(here, 'generated_shapes_64px.png')).convert('RGB'))
+  t, cols = meta['tile'], meta['columns']
+  tiles = grid.reshape(-1, t, cols, t, 3).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 3)
+  assert len(tiles) == len(meta['eye']) == 96
+  read = [shape_checker.analyze(tile)['shape'] for tile in tiles]
+  agree = np.mean([r == e for r, e in zip(read, meta['eye'])])
+  assert agree >= 0.85, agree
+  # Where the eye sees what the prompt asked for, the checker mostly does too; where the eye
+  # does not, the checker rarely credits the prompt.
+  eye_right = np.array([e == p for e, p in zip(meta['eye'], meta['prompt'])])
+  read_right = np.array([r == p for r, p in zip(read, meta['prompt'])])
+  assert (read_right & ~eye_right).sum() <= 3
+  assert read_right[eye_right].mean() >= 0.9
+
+
+def test_a_noise_field_is_no_shape():
+  noise = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3)).astype(np.uint8)
+  assert all(shape_checker.analyze(x)['shape'] is None for x in noise)
