@@ -65,6 +65,20 @@ def test_shape_coverage_is_what_render_draws():
     np.testing.assert_allclose(bg + coverage[..., None] * (fg - bg), image, atol=1.5)
 
 
+def test_outlines_drawn_together_equal_outlines_drawn_alone():
+  rng = np.random.default_rng(0)
+  for shape in cs.SHAPES:
+    cx, cy, s = rng.uniform(0.1, 0.9, 9), rng.uniform(0.1, 0.9, 9), rng.uniform(0.2, 0.5, 9)
+    for window in [(0, 0, 64, 64), (10, 5, 30, 40), (40, 40, 24, 24)]:   # some cut outlines
+      together = cs.shape_coverages(shape, cx, cy, s, 64, window)
+      alone = [cs.shape_coverage(shape, *args, 64, window) for args in zip(cx, cy, s)]
+      np.testing.assert_array_equal(together, np.stack(alone))
+    # A window that holds the whole outline shows the image's pixels.
+    whole = cs.shape_coverage(shape, 0.5, 0.45, 0.3, 64)
+    np.testing.assert_array_equal(cs.shape_coverage(shape, 0.5, 0.45, 0.3, 64, (10, 12, 40, 42)),
+                                  whole[10:50, 12:54])
+
+
 def _degraded_outlines(n, rng, resolution=64):
   """Dataset shapes with a generator's typical flaws, labels known: corners rounded (the outline
   blurred by 1 pixel and re-sharpened) and edges made wavy (a smooth displacement of up to 1
