@@ -148,3 +148,9 @@ def test_generated_images_read_as_by_eye():
 def test_a_noise_field_is_no_shape():
   noise = np.random.default_rng(0).integers(0, 256, (10, 64, 64, 3)).astype(np.uint8)
   assert all(shape_checker.analyze(x)['shape'] is None for x in noise)
+
+
+def test_non_square_images_are_refused():
+  image = cs.render(cs.sample_attributes(np.random.default_rng(0)), 32, np.random.default_rng(0))
+  with pytest.raises(ValueError, match='square images'):
+    shape_checker.analyze(np.concatenate([image, image], axis=1))

@@ -125,7 +125,11 @@ def shape_fits(coverage: np.ndarray) -> dict[str, float]:
   keeps a generated square with slightly rounded corners or a wavy edge a square: its fill ratio
   falls towards a circle's, but it still overlaps a square's outline far better than a circle's.
   """
-  coverage = _main_region(np.asarray(coverage, np.float32))
+  coverage = np.asarray(coverage, np.float32)
+  if coverage.ndim != 2 or coverage.shape[0] != coverage.shape[1]:
+    raise ValueError(f'shape_checker reads square images (as the dataset draws them); got '
+                     f'{coverage.shape[:2]}')
+  coverage = _main_region(coverage)
   res = coverage.shape[0]
   rows = np.nonzero(coverage.max(axis=1) > 0.5)[0]
   cols = np.nonzero(coverage.max(axis=0) > 0.5)[0]
