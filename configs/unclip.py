@@ -13,11 +13,12 @@ Run:
 
 Writes runs/unclip/{clip,prior,decoder,upsampler}/ (each a normal stage run: checkpoints,
 TensorBoard logs, eval_metrics.json, export/), embeddings/ (the CLIP's, shared by the prior and
-decoder), and sample/: grid.png (each prompt above its image), images/, TensorBoard logs and
-report.json: the fraction of generated images whose shape colour, background colour and shape a
-pixel checker (unclip_jax.data.shape_checker) reads as the prompt says, next to the same reading
-of the dataset's own images, and each stage's time and evaluation. Running it again resumes;
-finished stages are skipped.
+decoder), sample/: grid.png (each prompt above its image), images/, readings.tsv (each image's
+prompt and what the checker reads in it) and TensorBoard logs, and report.json: the fraction of
+generated images whose shape colour, background colour and shape a pixel checker
+(unclip_jax.data.shape_checker) reads as the prompt says, next to the same reading of the
+dataset's own images, how each shape asked for was read, and each stage's time and evaluation.
+Running it again resumes; finished stages are skipped.
 
 Expected (tiny, 14 min 21 s on 2 CPU cores including the dataset): generated images' background
 colour 1.00 and shape colour 1.00 as prompted (dataset images 1.00, 1.00); shape 0.86 (chance

@@ -44,6 +44,10 @@ def test_job_trains_every_stage_then_samples_scores_and_skips_finished_stages(jo
   assert len(glob.glob(os.path.join(sample_dir, 'images', '*.png'))) == 12
   prompts = open(os.path.join(sample_dir, 'prompts.txt')).read().split('\n')[:12]
   assert all(prompts)
+  readings = open(os.path.join(sample_dir, 'readings.tsv')).read().splitlines()
+  assert len(readings) == 13 and readings[0].startswith('image\tprompt\tcolor')
+  assert [line.split('\t')[1] for line in readings[1:]] == prompts
+  assert sum(sum(c.values()) for c in s['generated_shapes'].values()) == 12
   assert glob.glob(os.path.join(sample_dir, 'events.out.tfevents.*'))
 
   # Again on the same workdir: every stage is found finished and skipped.

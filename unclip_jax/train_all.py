@@ -175,9 +175,11 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images = np.concatenate(images)
   seconds = time.perf_counter() - start
   labels = {k: real[k] for k in ('color', 'background', 'shape')}
-  generated = shape_checker.score(images, labels)
+  readings = [shape_checker.analyze(image) for image in images]
+  generated = shape_checker.score_readings(readings, labels)
   ceiling = shape_checker.score(real['image'], labels)
   _write_samples(out_dir, prompts, images, s.grid_columns)
+  _write_readings(os.path.join(out_dir, 'readings.tsv'), prompts, readings)
   writer = train.create_writer(out_dir)
   writer.write_scalars(0, {**{f'generated/{k}': v for k, v in generated.items()},
                            **{f'real/{k}': v for k, v in ceiling.items()}})
@@ -186,7 +188,9 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                   s.grid_columns)[None]})
   writer.flush()
   return {'num_prompts': len(prompts), 'resolution': int(images.shape[1]),
-          'generated': generated, 'real': ceiling, 'seconds': round(seconds, 1),
+          'generated': generated, 'real': ceiling,
+          'generated_shapes': shape_checker.shape_confusion(readings, labels),
+          'seconds': round(seconds, 1),
           'stage_seconds': {k: round(v, 1) for k, v in stage_seconds.items()}}
 
 
@@ -197,6 +201,15 @@ def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns
                              os.path.join(out_dir, 'grid.png'), columns)
   with open(os.path.join(out_dir, 'prompts.txt'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(prompts) + '\n')
+
+
+def _write_readings(path: str, prompts: list[str], readings: list[dict]):
+  """One line per image: its file, its prompt, and the checker's reading of it."""
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('image\tprompt\tcolor\tbackground\tshape\tshape_iou\n')
+    for i, (prompt, r) in enumerate(zip(prompts, readings)):
+      f.write(f"images/{i:04d}.png\t{prompt}\t{r['color']}\t{r['background']}\t{r['shape']}\t"
+              f"{r['shape_iou']:.3f}\n")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -23,10 +23,23 @@ def _examples(resolution, n=300):
 @pytest.mark.parametrize('resolution', [32, 64])
 def test_real_images(resolution):
   images, labels = _examples(resolution)
-  scores = shape_checker.score(images, labels)
+  readings = [shape_checker.analyze(image) for image in images]
+  scores = shape_checker.score_readings(readings, labels)
   assert scores['background_accuracy'] == 1.0
   assert scores['color_accuracy'] >= 0.99
   assert scores['shape_accuracy'] >= 0.99
+  confusion = shape_checker.shape_confusion(readings, labels)
+  assert list(confusion) == list(cs.SHAPES)
+  assert sum(sum(c.values()) for c in confusion.values()) == len(images)
+  assert sum(c.get(s, 0) for s, c in confusion.items()) >= 0.99 * len(images)
+
+
+def test_score_is_score_of_readings_and_counts_must_match():
+  images, labels = _examples(32, n=20)
+  readings = [shape_checker.analyze(image) for image in images]
+  assert shape_checker.score(images, labels) == shape_checker.score_readings(readings, labels)
+  with pytest.raises(ValueError, match='19 images but 20 labels'):
+    shape_checker.score_readings(readings[:19], labels)
 
 
 def test_float_images_and_blank_images():

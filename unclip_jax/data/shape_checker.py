@@ -176,12 +176,31 @@ def score(images: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, float]
   Returns:
     {'color_accuracy', 'background_accuracy', 'shape_accuracy', 'all_accuracy'}.
   """
-  names = captioned_shapes.ATTRIBUTES
-  hits = {k: [] for k in ('color', 'background', 'shape')}
-  for i, image in enumerate(images):
-    found = analyze(image)
-    for k in hits:
-      hits[k].append(found[k] == names[k][int(labels[k][i])])
+  return score_readings([analyze(image) for image in images], labels)
+
+
+def score_readings(readings: list[dict], labels: dict[str, np.ndarray]) -> dict[str, float]:
+  """`score` from readings already made by `analyze`."""
+  hits = _hits(readings, labels)
   out = {f'{k}_accuracy': float(np.mean(v)) for k, v in hits.items()}
   out['all_accuracy'] = float(np.mean(np.all([hits[k] for k in hits], axis=0)))
   return out
+
+
+def shape_confusion(readings: list[dict], labels: dict[str, np.ndarray]) -> dict:
+  """How the shapes asked for were read: {shape asked for: {shape read ('none' if none): count}}
+  (the dataset's shape order; shapes never asked for are left out)."""
+  out = {}
+  for reading, asked in zip(readings, labels['shape']):
+    counts = out.setdefault(captioned_shapes.SHAPES[int(asked)], {})
+    read = reading['shape'] or 'none'
+    counts[read] = counts.get(read, 0) + 1
+  return {s: out[s] for s in captioned_shapes.SHAPES if s in out}
+
+
+def _hits(readings: list[dict], labels: dict[str, np.ndarray]) -> dict[str, list[bool]]:
+  names = captioned_shapes.ATTRIBUTES
+  if len(readings) != len(labels['shape']):
+    raise ValueError(f'{len(readings)} images but {len(labels["shape"])} labels')
+  return {k: [r[k] == names[k][int(labels[k][i])] for i, r in enumerate(readings)]
+          for k in ('color', 'background', 'shape')}
