@@ -10,6 +10,7 @@ its ground-truth attributes make evaluation objective.
 Everything is generated offline from a seed:
 
 * ``render(attrs, resolution, rng)``  -> uint8 image [res, res, 3]
+* ``shape_coverage(shape, cx, cy, s, res)`` -> the fraction of each pixel a shape covers
 * ``caption(attrs, rng)``             -> str
 * ``CaptionedShapes``                 -> tfds builder (array_record files)
 * ``prepare(data_dir, ...)``          -> builds (once) and returns the builder
@@ -195,7 +196,7 @@ def shape_coverages(shape: str, cx, cy, s, resolution: int,
   one canvas, one window below the other, which gives the same pixels as drawing them one by one
   at a fraction of the cost; the others (cut by the window's edge, where the rasteriser's edge
   pixels can differ by a sixteenth) are drawn one by one."""
-  cx, cy, s = (np.asarray(v, np.float64) for v in np.broadcast_arrays(cx, cy, s))
+  cx, cy, s = (np.atleast_1d(np.asarray(v, np.float64)) for v in np.broadcast_arrays(cx, cy, s))
   top, left, height, width = window
   big = resolution * SUPERSAMPLE
   # Every shape lies within its box of side s around its centre (a star's is lower than wide).
