@@ -102,6 +102,9 @@ MAX_EXTENT = 0.6    # nor one wider or taller than this fraction of the image (t
 # a generated shape's edges are ragged and its extents a pixel or so off.
 _FIT_SCALES = (0.85, 0.925, 1.0, 1.075)
 _FIT_OFFSETS = (-0.5, 0.0, 0.5)
+# Every (scale, dy, dx) combination, flattened.
+_FIT_GRID = tuple(a.ravel() for a in np.meshgrid(_FIT_SCALES, _FIT_OFFSETS, _FIT_OFFSETS,
+                                                 indexing='ij'))
 
 
 def _main_region(coverage: np.ndarray) -> np.ndarray:
@@ -147,8 +150,7 @@ def shape_fits(coverage: np.ndarray) -> dict[str, float]:
   right = min(res, max(xs.max() + 1, int(np.ceil(cx + reach))))
   window = (top, left, bottom - top, right - left)
   region = coverage[top:bottom, left:right]
-  grid = [(k, dy, dx) for k in _FIT_SCALES for dy in _FIT_OFFSETS for dx in _FIT_OFFSETS]
-  k, dy, dx = (np.array(v) for v in zip(*grid))
+  k, dy, dx = _FIT_GRID
   fits = {}
   for shape, side in sides.items():
     templates = captioned_shapes.shape_coverages(shape, (cx + dx) / res, (cy + dy) / res,
