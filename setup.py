@@ -24,6 +24,12 @@ setup(
         'tensorflow-cpu>=2.18',   # clu's TensorBoard writer and tfds dataset generation
         'tensorboard>=2.18',
         'pillow>=10',
+        'fsspec>=2023.1',         # data paths: local, gs://, s3://, memory://
+        'braceexpand>=0.1.7',     # shard patterns such as {00000..00331}.tar
+        'pyarrow>=14',            # parquet sources and manifests
+        'msgpack>=1.0',           # prepared array_record shards
+        'tqdm>=4.60',
+        'scipy>=1.10',
         'tokenizers>=0.20',
         'numpy>=1.26',
         'absl-py',
@@ -39,6 +45,7 @@ setup(
             'unclip-train=unclip_jax.main:run',
             'unclip-train-all=unclip_jax.train_all:run_cli',
             'unclip-sample=unclip_jax.sample:run',
+            'unclip-embed=unclip_jax.embed:run',
         ],
     },
 )

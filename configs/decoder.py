@@ -30,7 +30,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.stage = 'decoder'
 
   c.clip = config_lib.frozen_clip()
-  c.data = config_lib.captioned_shapes_data(32)   # the output size; CLIP sees it resized
+  c.data = config_lib.data_defaults(32)   # the output size; CLIP sees it resized
 
   c.model = ml_collections.ConfigDict()
   c.model.unet = ml_collections.ConfigDict(dict(

@@ -26,7 +26,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.stage = 'prior'
 
   c.clip = config_lib.frozen_clip()
-  c.data = config_lib.captioned_shapes_data(32)   # must match the CLIP's image size
+  c.data = config_lib.data_defaults(32)   # must match the CLIP's image size
 
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, activation='gelu', remat=False,

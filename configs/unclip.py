@@ -28,6 +28,7 @@ shapes, and the upsampler (1500 steps, trained alongside the decoder) keeps them
 
 import ml_collections
 
+from unclip_jax import config_lib
 from configs import clip as clip_configs
 from configs import decoder as decoder_configs
 from configs import prior as prior_configs
@@ -42,6 +43,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.prior = prior_configs.get_config('tiny')
   c.decoder = decoder_configs.get_config('tiny')
   c.upsampler = upsampler_configs.get_config('tiny')
+  # The job's data, for every stage (each keeps its resolution): fields left None keep the
+  # stages' own (the built-in data); e.g. --config.data.source=webdataset
+  # --config.data.paths='DIR/{00000..00009}.tar' --config.data.eval_paths='DIR/eval-00000.tar'.
+  c.data = config_lib.job_data()
   c.precompute_embeddings = True     # the prior and decoder read the CLIP's embeddings from disk
   # The upsampler (it needs only the dataset) trains in a second thread alongside the decoder.
   c.overlap_upsampler = False

@@ -28,7 +28,7 @@ from unclip_jax import config_lib
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c = config_lib.trainer_defaults()
   c.stage = 'upsampler'
-  c.data = config_lib.captioned_shapes_data(64)   # the output (high) resolution
+  c.data = config_lib.data_defaults(64)   # the output (high) resolution
 
   c.upsampler = ml_collections.ConfigDict()
   c.upsampler.scale = 2               # low resolution = data.resolution / scale

@@ -74,12 +74,41 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def captioned_shapes_data(resolution=32) -> ml_collections.ConfigDict:
-  """`config.data` for the built-in dataset (`resolution` may be a FieldReference)."""
+def data_defaults(resolution=32) -> ml_collections.ConfigDict:
+  """`config.data`: which data, and how it is read (`resolution` may be a FieldReference).
+
+  The default is the built-in dataset; `source` and `paths` switch to the user's data, e.g.
+  `--config.data.source=webdataset --config.data.paths='/data/cc3m/{00000..00331}.tar'`.
+  """
   d = ml_collections.ConfigDict()
-  d.name = 'captioned_shapes'
-  d.data_dir = ml_collections.config_dict.placeholder(str)   # default: $UNCLIP_DATA_DIR or ~/.cache
+  # 'shapes' (built-in), 'webdataset' (tar shards), 'folder' (images + manifest or .txt files),
+  # 'parquet' (image bytes in a column), 'tfds' (a prepared tfds dataset), 'array_record'
+  # (shards of `python -m unclip_jax.data.prepare`), 'clip_embeddings' (an embedding-reader
+  # folder: the prior trains from embeddings alone).
+  d.source = 'shapes'
+  # The training and held-out data: comma-separated paths, globs or brace patterns
+  # ('/data/{00000..00009}.tar'), local or remote (gs://, s3://: whatever fsspec opens).
+  d.paths = ml_collections.config_dict.placeholder(str)
+  d.eval_paths = ml_collections.config_dict.placeholder(str)
+  d.name = 'captioned_shapes'     # tfds: the dataset's name (e.g. 'coco_captions')
+  d.data_dir = ml_collections.config_dict.placeholder(str)   # tfds / shapes: data directory
+  d.train_split = 'train'         # tfds: the split names (tfds slicing allowed)
+  d.eval_split = 'test'
+  # Where the image, caption(s), key and label are in a sample: a webdataset extension or JSON
+  # field, a manifest / parquet column, a tfds feature ('a/b' for nested). None: the source's
+  # default (webdataset 'jpg;jpeg;png;webp' and 'txt'; others 'image' and 'caption').
+  d.image_key = ml_collections.config_dict.placeholder(str)
+  d.caption_key = ml_collections.config_dict.placeholder(str)
+  d.key_key = ml_collections.config_dict.placeholder(str)
+  # Zero-shot evaluation: the field holding each sample's class, and the class names (a list,
+  # or a JSON file holding one).
+  d.label_key = ml_collections.config_dict.placeholder(str)
+  d.class_names = None
   d.resolution = resolution
+  d.crop = 'center'               # 'center', or 'random' (e.g. upsampler training crops)
+  d.min_size = 0                  # images whose shorter side is below this are skipped
+  d.shuffle_buffer = 1000         # streaming sources: examples shuffled within this window
+  # The built-in dataset's settings.
   d.num_train = 20000
   d.num_test = 1000
   d.seed = 0
@@ -93,6 +122,22 @@ def captioned_shapes_data(resolution=32) -> ml_collections.ConfigDict:
   # Precomputed CLIP embeddings (`python -m unclip_jax.data.embeddings`) for the prior and
   # decoder: the step then skips the CLIP image tower.
   d.embeddings_dir = ml_collections.config_dict.placeholder(str)
+  return d
+
+
+def job_data() -> ml_collections.ConfigDict:
+  """The whole job's `config.data` (`configs/unclip.py`): every field left None keeps each
+  stage's own value; a field set here (`--config.data.source=webdataset`) applies to all
+  stages. Resolution is per stage."""
+  d = ml_collections.ConfigDict()
+  ph = ml_collections.config_dict.placeholder
+  for name in ('source', 'paths', 'eval_paths', 'name', 'data_dir', 'train_split', 'eval_split',
+               'image_key', 'caption_key', 'key_key', 'label_key', 'crop'):
+    d[name] = ph(str)
+  for name in ('min_size', 'shuffle_buffer', 'worker_count', 'read_threads', 'read_buffer',
+               'num_train', 'num_test', 'seed'):
+    d[name] = ph(int)
+  d.class_names = None       # a list, or a JSON file holding one
   return d
 
 

@@ -204,7 +204,10 @@ class UnclipPipeline:
         raise PromptError(f'prompt {i} is a {type(prompt).__name__}, not a str')
       if not prompt.strip():
         raise PromptError(f'prompt {i} is empty')
-      n = len(tokenizer.encode(prompt))
+      try:
+        n = len(tokenizer.encode(prompt))
+      except ValueError as e:   # a word the CLIP's word tokenizer does not know
+        raise PromptError(f'prompt {i}: {e}') from e
       if n > limit:
         if not truncate:
           raise PromptError(f'prompt {i} has {n} tokens; the CLIP reads at most {limit}: '

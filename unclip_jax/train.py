@@ -359,7 +359,7 @@ def write_samples(writer, workdir: str, step: int, samples: Optional[dict]):
 
 def _data_skip_counts() -> dict[str, int]:
   from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  return {f'data/skipped_{k}': v for k, v in input_pipeline.skip_counts().items()}
+  return {f'data/skipped/{k}': v for k, v in input_pipeline.skip_counts().items()}
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:

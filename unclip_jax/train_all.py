@@ -75,10 +75,18 @@ def _embeddings_dir(workdir: str, data_config) -> str:
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Each stage's config, wired to the job's directories (the CLIP, precomputed embeddings)."""
+  """Each stage's config, wired to the job's directories (the CLIP, precomputed embeddings) and
+  given the job's data settings (`config.data`: every field set there replaces the stage's own;
+  each stage keeps its resolution)."""
+  job_data = {k: v for k, v in (config.get('data') or {}).items() if v is not None}
   out = {}
   for name in STAGES:
     c = ml_collections.ConfigDict(config[name].to_dict())
+    for key, value in job_data.items():
+      if key == 'resolution':
+        raise config_error('config.data.resolution: each stage has its own resolution; set '
+                           f'config.{name}.data.resolution instead')
+      c.data[key] = value
     if name in CLIP_CONDITIONED:
       c.clip.workdir = os.path.join(os.path.abspath(workdir), 'clip')
       if config.precompute_embeddings:
@@ -87,10 +95,16 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return out
 
 
+def config_error(message: str):
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.ConfigError(message)
+
+
 def _ensure_embeddings(configs: dict, workdir: str):
+  from unclip_jax import embed  # pylint: disable=g-import-not-at-top
   from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
   from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
-  clip = None
+  clip = clip_stage.load_frozen(os.path.join(workdir, 'clip'))
   for name in CLIP_CONDITIONED:
     data = configs[name].data
     if not data.get('embeddings_dir'):
@@ -100,11 +114,9 @@ def _ensure_embeddings(configs: dict, workdir: str):
       continue
     except (FileNotFoundError, ValueError):
       pass
-    if clip is None:
-      clip = clip_stage.load_frozen(os.path.join(workdir, 'clip'))
     logging.info('Writing CLIP embeddings of the %dpx data to %s', data.resolution,
                  data.embeddings_dir)
-    embeddings.write(clip, data, data.embeddings_dir)
+    embed.write(clip, data, data.embeddings_dir, overwrite=True, progress=False)
 
 
 def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -150,17 +162,21 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Held-out prompts → images through the pipeline; the pixel checker's reading of them and
-  of the dataset's own images at the same resolution. Writes workdir/sample/."""
+  """Held-out captions → images through the pipeline, scored: the CLIP score of each image
+  against its prompt under the job's CLIP, beside the held-out images' own (any data); on the
+  built-in data also the pixel checker's reading of them and of the dataset's own images at the
+  same resolution. Writes workdir/sample/."""
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
   from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
+  from unclip_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
   from unclip_jax.stages import prior as prior_stage  # pylint: disable=g-import-not-at-top
   s = config.sample
   out_dir = os.path.join(workdir, 'sample')
   pipe = pipeline_lib.UnclipPipeline.from_run(workdir)
-  final = config.upsampler if pipe.upsamplers else config.decoder
+  configs = stage_configs(config, workdir)
+  final = configs['upsampler'] if pipe.upsamplers else configs['decoder']
   real = input_pipeline.load_split(final.data, 'test', max_examples=s.num_prompts)
   prompts = [str(c) for c in real['caption']]
   start = time.perf_counter()
@@ -168,30 +184,40 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for i in range(0, len(prompts), s.batch_size):
     chunk = list(prior_stage.pad_to(np.asarray(prompts[i:i + s.batch_size], object),
                                     s.batch_size))
-    out = pipe.text_to_image(chunk, seed=s.seed + i)
+    out = pipe.text_to_image(chunk, seed=s.seed + i, truncate=True)
     images.append(out.images[:min(s.batch_size, len(prompts) - i)])
     for k, v in out.seconds.items():
       stage_seconds[k] = stage_seconds.get(k, 0.0) + v
   images = np.concatenate(images)
   seconds = time.perf_counter() - start
-  labels = {k: real[k] for k in ('color', 'background', 'shape')}
-  readings = [shape_checker.analyze(image) for image in images]
-  generated = shape_checker.score_readings(readings, labels)
-  ceiling = shape_checker.score(real['image'], labels)
+  text_emb = pipe.clip.embed_texts(prompts)
+  scores = clip_stage.clip_score(pipe.clip.embed_images(images), text_emb)
+  real_scores = clip_stage.clip_score(pipe.clip.embed_images(real['image']), text_emb)
+  report = {'num_prompts': len(prompts), 'resolution': int(images.shape[1]),
+            'clip_score': float(scores.mean()), 'clip_score_real': float(real_scores.mean())}
+  scalars = {'generated/clip_score': report['clip_score'],
+             'real/clip_score': report['clip_score_real']}
+  readings = None
+  if sources.source_name(final.data) == 'shapes':
+    from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
+    labels = {k: real[k] for k in ('color', 'background', 'shape')}
+    readings = [shape_checker.analyze(image) for image in images]
+    report['generated'] = shape_checker.score_readings(readings, labels)
+    report['real'] = shape_checker.score(real['image'], labels)
+    report['generated_shapes'] = shape_checker.shape_confusion(readings, labels)
+    scalars.update({**{f'generated/{k}': v for k, v in report['generated'].items()},
+                    **{f'real/{k}': v for k, v in report['real'].items()}})
   _write_samples(out_dir, prompts, images, s.grid_columns)
-  _write_readings(os.path.join(out_dir, 'readings.tsv'), prompts, readings)
+  _write_readings(os.path.join(out_dir, 'readings.tsv'), prompts, scores, readings)
   writer = train.create_writer(out_dir)
-  writer.write_scalars(0, {**{f'generated/{k}': v for k, v in generated.items()},
-                           **{f'real/{k}': v for k, v in ceiling.items()}})
+  writer.write_scalars(0, scalars)
   from unclip_jax.images import image_grid  # pylint: disable=g-import-not-at-top
   writer.write_images(0, {'generated': image_grid(images[:s.grid_columns ** 2],
                                                   s.grid_columns)[None]})
   writer.flush()
-  return {'num_prompts': len(prompts), 'resolution': int(images.shape[1]),
-          'generated': generated, 'real': ceiling,
-          'generated_shapes': shape_checker.shape_confusion(readings, labels),
-          'seconds': round(seconds, 1),
-          'stage_seconds': {k: round(v, 1) for k, v in stage_seconds.items()}}
+  report['seconds'] = round(seconds, 1)
+  report['stage_seconds'] = {k: round(v, 1) for k, v in stage_seconds.items()}
+  return report
 
 
 def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns: int):
@@ -203,13 +229,18 @@ def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns
     f.write('\n'.join(prompts) + '\n')
 
 
-def _write_readings(path: str, prompts: list[str], readings: list[dict]):
-  """One line per image: its file, its prompt, and the checker's reading of it."""
+def _write_readings(path: str, prompts: list[str], scores: np.ndarray, readings=None):
+  """One line per image: its file, its prompt, its CLIP score and (built-in data) what the
+  pixel checker reads in it."""
   with open(path, 'w', encoding='utf-8') as f:
-    f.write('image\tprompt\tcolor\tbackground\tshape\tshape_iou\n')
-    for i, (prompt, r) in enumerate(zip(prompts, readings)):
-      f.write(f"images/{i:04d}.png\t{prompt}\t{r['color']}\t{r['background']}\t{r['shape']}\t"
-              f"{r['shape_iou']:.3f}\n")
+    f.write('image\tprompt\tclip_score' +
+            ('\tcolor\tbackground\tshape\tshape_iou' if readings is not None else '') + '\n')
+    for i, prompt in enumerate(prompts):
+      line = f'images/{i:04d}.png\t{prompt}\t{scores[i]:.2f}'
+      if readings is not None:
+        r = readings[i]
+        line += f"\t{r['color']}\t{r['background']}\t{r['shape']}\t{r['shape_iou']:.3f}"
+      f.write(line + '\n')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -221,11 +252,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report['total_seconds'] = round(time.perf_counter() - start, 1)
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(report, f, indent=2)
-  g, r = report['sample']['generated'], report['sample']['real']
-  logging.info('Generated images read as prompted: shape colour %.2f, background %.2f, shape '
-               '%.2f (dataset images: %.2f, %.2f, %.2f); %.0f s in all; report: %s',
-               *(d[f'{k}_accuracy'] for d in (g, r) for k in ('color', 'background', 'shape')),
+  sample = report['sample']
+  logging.info('Generated images: CLIP score %.1f (held-out images: %.1f); %.0f s in all; '
+               'report: %s', sample['clip_score'], sample['clip_score_real'],
                report['total_seconds'], os.path.join(workdir, 'report.json'))
+  if 'generated' in sample:
+    g, r = sample['generated'], sample['real']
+    logging.info('Generated images read as prompted: shape colour %.2f, background %.2f, shape '
+                 '%.2f (dataset images: %.2f, %.2f, %.2f)',
+                 *(d[f'{k}_accuracy'] for d in (g, r) for k in ('color', 'background', 'shape')))
   return report
 
 

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from unclip_jax import embed
 from unclip_jax.data import embeddings
 from unclip_jax.data import input_pipeline
 from unclip_jax.stages import clip as clip_stage
@@ -23,27 +24,28 @@ def clip(data_dir):
 def written(clip, data_dir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('embeddings'))
   data = helpers.tiny_decoder_config(data_dir).data
-  info = embeddings.write(clip, data, out, batch_size=48)   # 256 and 64 records: a ragged batch
+  # 256 and 64 records in parts of 100 and batches of 48: ragged parts and batches
+  info = embed.write(clip, data, out, batch_size=48, chunk_size=100, progress=False)
   return out, info
 
 
 def test_written_embeddings_are_the_clips(clip, data_dir, written):
   out, info = written
-  assert info['counts'] == {'train': 256, 'test': 64}
+  assert {k: v['count'] for k, v in info['splits'].items()} == {'train': 256, 'test': 64}
   assert info['embed_dim'] == clip.config.model.embed_dim
+  assert len(embeddings.finished_parts(out, 'train')) == 3
   data_config = helpers.tiny_decoder_config(data_dir).data
   test = input_pipeline.load_split(data_config, 'test', tokenizer=clip.tokenizer)
   table = embeddings.EmbeddingTable(out, 'test')
-  ids = test['id'][::-1]          # any order
-  got = table.lookup(ids)
-  order = np.argsort(test['id'])[::-1]
+  got = table.lookup(test['key'][::-1])          # any order
+  order = np.arange(len(test['key']))[::-1]
   want_image = clip.encode_image(test['image'][order])
   want_text = clip.encode_text(test['tokens'][order])[0]
   np.testing.assert_allclose(got['clip_image_emb'], want_image, atol=2e-5)
   np.testing.assert_allclose(got['clip_text_emb'], want_text, atol=2e-5)
   np.testing.assert_allclose(np.linalg.norm(got['clip_image_emb'], axis=-1), 1.0, atol=1e-5)
-  with pytest.raises(KeyError, match='no test embedding for record id'):
-    table.lookup(np.array([10**9]))
+  with pytest.raises(KeyError, match=r"no test embedding for sample key\(s\) \['nope'\]"):
+    table.lookup(['nope'])
 
 
 def test_stages_use_precomputed_embeddings_in_place_of_the_image_tower(clip, data_dir, written):
@@ -79,7 +81,7 @@ def test_mismatched_embeddings_are_refused(clip, data_dir, written, tmp_path):
     decoder_stage.Stage(config, clip=other_clip)
   config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': out,
                                                     'data.seed': 3})
-  with pytest.raises(ValueError, match='computed for the dataset'):
+  with pytest.raises(ValueError, match='computed for other data: data.seed 0 there, 3 here'):
     decoder_stage.Stage(config, clip=clip)
   config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': str(tmp_path)})
   with pytest.raises(FileNotFoundError, match='python -m unclip_jax.data.embeddings'):

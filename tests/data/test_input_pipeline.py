@@ -27,7 +27,7 @@ def tokenize(captions):
 @pytest.fixture(scope='module')
 def config(tmp_path_factory):
   cfg = ml_collections.ConfigDict(dict(
-      name='captioned_shapes', data_dir=str(tmp_path_factory.mktemp('data')),
+      source='shapes', name='captioned_shapes', data_dir=str(tmp_path_factory.mktemp('data')),
       resolution=32, num_train=200, num_test=50, seed=0, worker_count=0))
   cs.prepare(cfg.data_dir, resolution=32, num_train=200, num_test=50, seed=0)
   return cfg
@@ -57,7 +57,7 @@ def _assert_batches_equal(a, b):
 
 def test_batch_format(config):
   batch = next(_iterator(config))
-  assert set(batch) == {'image', 'tokens', 'caption', 'id', *LABELS}
+  assert set(batch) == {'image', 'tokens', 'caption', 'key', 'id', *LABELS}
   assert batch['image'].shape == (8, 32, 32, 3)
   assert batch['image'].dtype == np.float32
   assert -1 <= batch['image'].min() < 0 < batch['image'].max() <= 1
@@ -68,6 +68,7 @@ def test_batch_format(config):
   assert batch['caption'].shape == (8,)
   for i, text in enumerate(batch['caption']):
     assert isinstance(text, str) and batch['tokens'][i, 0] == len(text)
+    assert batch['key'][i] == str(batch['id'][i])
     ex = cs.generate_example(0, 'train', int(batch['id'][i]), 32)
     assert text == ex['caption']
     np.testing.assert_allclose(batch['image'][i], ex['image'] / 127.5 - 1, atol=1e-6)
@@ -114,7 +115,7 @@ def test_process_shards_disjoint(config):
 
 
 class CorruptingSource:
-  """Random-access source replacing the image of some records by bad bytes."""
+  """Random-access source replacing the image or caption of some records."""
 
   def __init__(self, source, bad):
     self.source, self.bad = source, bad
@@ -125,51 +126,65 @@ class CorruptingSource:
   def __getitem__(self, index):
     record = dict(self.source[index])
     if index in self.bad:
-      record['image'] = self.bad[index]
+      record.update(self.bad[index])
     return record
 
 
-def _png(shape):
-  buf = io.BytesIO()
-  Image.fromarray(np.zeros(shape, np.uint8)).save(buf, format='PNG')
-  return buf.getvalue()
-
-
-def test_corrupt_records_skipped_and_counted(config, caplog):
+def test_bad_records_skipped_counted_by_reason_and_logged(config, caplog):
   source = ip.get_source(config, 'test')
   good = source[0]['image']
-  bad = {3: b'not a png', 10: good[:len(good) // 2],  # truncated
-         20: _png((16, 16, 3)), 30: _png((32, 32))}    # wrong size / mode
-  bad_ids = {source[i]['id'] for i in bad}
+  bad = {3: {'image': b'not a png'}, 10: {'image': good[:len(good) // 2]},  # truncated
+         20: {'image': b''}, 25: {'image': None}, 30: {'caption': '  '}, 31: {'caption': None}}
+  bad_ids = {int(source[i]['key']) for i in bad}
   corrupt = CorruptingSource(source, bad)
+  expected = {'undecodable_image': 2, 'missing_image': 2, 'missing_caption': 2}
 
   ip.reset_skip_counts()
   with caplog.at_level(logging.WARNING):
     ids = _ids(list(_iterator(config, split='test', batch_size=2, num_epochs=1,
                               data_source=corrupt)))
-  assert ip.skip_counts() == {'corrupt_image': 4}
+  assert {k: v for k, v in ip.skip_counts().items() if v} == expected
   assert sorted(ids) == sorted(set(range(50)) - bad_ids)
-  assert all(f'id={i}' in caplog.text for i in bad_ids)
+  assert all(f"key='{i}'" in caplog.text for i in bad_ids)
 
   ip.reset_skip_counts()
   data = ip.load_split(config, 'test', data_source=corrupt)
-  assert ip.skip_counts() == {'corrupt_image': 4}
-  assert len(data['id']) == 46 and not bad_ids & set(data['id'].tolist())
+  assert {k: v for k, v in ip.skip_counts().items() if v} == expected
+  assert len(data['id']) == 44 and not bad_ids & set(data['id'].tolist())
+
+
+def test_images_of_another_size_or_mode_are_converted_not_dropped(config):
+  """The shorter side is resized to the resolution and the centre cropped; greyscale → RGB."""
+  source = ip.get_source(config, 'test')
+  big = np.zeros((48, 64, 3), np.uint8)
+  big[:, 8:56] = 255                 # a white square in the middle of a black 64x48 image
+  grey = np.full((32, 32), 77, np.uint8)
+  corrupt = CorruptingSource(source, {0: {'image': _encoded(big)}, 1: {'image': _encoded(grey)}})
+  data = ip.load_split(config, 'test', data_source=corrupt, max_examples=2)
+  assert data['image'].shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(data['image'][0][4:-4, 4:-4], 1.0, atol=0.02)   # the square fills it
+  np.testing.assert_allclose(data['image'][1], 77 / 127.5 - 1, atol=1e-6)
+
+
+def _encoded(array):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format='PNG')
+  return buf.getvalue()
 
 
 def test_load_split(config):
   data = ip.load_split(config, 'test', tokenizer=tokenize)
-  assert set(data) == {'image', 'tokens', 'caption', 'id', *LABELS}
+  assert set(data) == {'image', 'tokens', 'caption', 'key', 'id', *LABELS}
   assert data['image'].shape == (50, 32, 32, 3)
   assert data['id'].tolist() == list(range(50))  # in dataset order
   first = ip.load_split(config, 'train', max_examples=7)
   assert 'tokens' not in first and first['image'].shape[0] == 7
 
 
-def test_unknown_dataset(config):
+def test_unknown_source(config):
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.name = 'imagenet'
-  with pytest.raises(ValueError, match='imagenet'):
+  cfg.source = 'imagenet'
+  with pytest.raises(ValueError, match="config.data.source: unknown source 'imagenet'"):
     _iterator(cfg)
 
 

@@ -54,16 +54,38 @@ def test_zero_shot_prompts():
   assert all(p.startswith('a large ') for p in clip.zero_shot_prompts('size', 'large'))
 
 
-def test_tokenizer_must_match_the_model(make_tiny_clip_config):
-  config = make_tiny_clip_config(**{'model.text.eot_id': 7})
+def test_tokenizer_must_match_the_model(make_tiny_clip_config, monkeypatch):
+  config = make_tiny_clip_config(**{'model.text.eot_id': 7, 'tokenizer.kind': 'words'})
   with pytest.raises(ValueError, match='config.model.text.eot_id'):
     _ = clip.Stage(config).tokenizer
-  config = make_tiny_clip_config(**{'model.text.vocab_size': 10})
+  config = make_tiny_clip_config(**{'model.text.vocab_size': 10, 'tokenizer.kind': 'words'})
   with pytest.raises(ValueError, match='config.model.text.vocab_size'):
     _ = clip.Stage(config).tokenizer
+  from unclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tokenizers, 'default_bpe_path', lambda: None)
   config = make_tiny_clip_config(**{'tokenizer.kind': 'clip_bpe'})
-  with pytest.raises(ValueError, match='config.tokenizer.path'):
+  with pytest.raises(ValueError, match='config.tokenizer.path: the CLIP BPE tokenizer needs'):
     _ = clip.Stage(config).tokenizer
+
+
+def test_auto_tokenizer_follows_the_data(make_tiny_clip_config):
+  """'auto': the built-in data keeps its word tokenizer and the tower's 128 ids; any other
+  source gets CLIP's BPE (open_clip's vocabulary here) and the tower grows to fit it; the word
+  tokenizer refuses other data and words it does not know."""
+  stage = clip.Stage(make_tiny_clip_config())
+  assert type(stage.tokenizer).__name__ == 'WordTokenizer'
+  assert stage.config.model.text.vocab_size == 128 and stage.config.model.text.eot_id == 2
+  config = make_tiny_clip_config(**{'data.source': 'webdataset'})
+  stage = clip.Stage(config)
+  assert type(stage.tokenizer).__name__ == 'ClipTokenizer'
+  assert config.model.text.vocab_size == 49408 and config.model.text.eot_id == 49407
+  assert stage.tokenizer(['a photo of a cat'])[0, :3].tolist()[0] == 49406
+  config = make_tiny_clip_config(**{'data.source': 'webdataset', 'tokenizer.kind': 'words'})
+  with pytest.raises(ValueError, match="the 'words' tokenizer knows only the built-in data"):
+    clip.Stage(config)
+  words = clip.Stage(make_tiny_clip_config()).tokenizer
+  with pytest.raises(ValueError, match="has 'elephant'"):
+    words(['a red elephant'])
 
 
 def test_load_frozen_reports_missing_export(tmp_path):

@@ -1,19 +1,28 @@
 r"""Precomputed CLIP embeddings of a dataset, so that the prior and decoder skip the image tower.
 
 The paper trains its prior and decoder on CLIP embeddings computed once; at scale the frozen
-image tower (ViT-L/14 at 224px) costs more per step than the tiny part of the prior it feeds.
+image tower (ViT-L/14 at 224px) costs more per step than the part of the prior it feeds.
 
   python -m unclip_jax.data.embeddings --config=configs/decoder.py:tiny \
-      --config.clip.workdir=runs/clip --out=runs/clip_embeddings
+      --config.clip.workdir=runs/clip --out=runs/clip_embeddings [--distributed]
 
-writes into `--out`, for each split, `{split}_ids.npy` (int64 [N], the records' ids, sorted),
-`{split}_image_emb.npy` and `{split}_text_emb.npy` (float32 [N, D], unit CLIP embeddings of the
-record's image and caption), and `info.json`: the CLIP's fingerprint and embedding size and the
-dataset's settings. Train with `--config.data.embeddings_dir=runs/clip_embeddings`: the input
-pipeline attaches each record's `clip_image_emb` by id and the stage uses it instead of running
-the image tower (captions are still encoded in the step: their token states condition the
-models). Embeddings from another CLIP, another dataset configuration or with records missing are
-refused with an error that says which.
+(see `unclip_jax.embed`) embeds every sample of the config's data (any source) with the frozen
+CLIP, data-parallel over every device of every process, and writes into `--out`:
+
+  info.json                       the CLIP's fingerprint and width, the data's settings, and per
+                                  split the number of embeddings and of samples skipped
+  {split}/part-PPPPP-CCCCCC/      one finished chunk of process P: ids.npy (int64 [n], the
+                                  samples' key ids, `sources.key_id`), keys.npy (str [n]),
+                                  image_emb.npy and text_emb.npy (float32 [n, D], unit CLIP
+                                  embeddings of the image and its first caption), state.json
+                                  (where the data reader stood after it)
+
+Chunks are written into a temporary folder and renamed when complete, so a killed job keeps what
+it finished and continues from the last chunk's reader state. Train with
+`--config.data.embeddings_dir=...`: the input pipeline attaches each sample's `clip_image_emb`
+by key and the stage uses it instead of running the image tower. Embeddings of another CLIP,
+another width, other data settings, or that lack a sample, are refused with an error that says
+which.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Optional
 
 import grain
@@ -28,8 +38,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax.data import sources
+
 INFO = 'info.json'
-DATASET_KEYS = ('name', 'resolution', 'num_train', 'num_test', 'seed')
+FORMAT = 2
+# The settings that decide which samples there are and what their images look like.
+DATASET_KEYS = ('source', 'name', 'paths', 'eval_paths', 'train_split', 'eval_split',
+                'image_key', 'caption_key', 'key_key', 'resolution', 'min_size', 'num_train',
+                'num_test', 'seed')
+PART_FILES = ('ids.npy', 'keys.npy', 'image_emb.npy', 'text_emb.npy', 'state.json')
 
 
 def clip_fingerprint(params) -> str:
@@ -43,156 +60,191 @@ def clip_fingerprint(params) -> str:
 
 
 def dataset_settings(data_config: ml_collections.ConfigDict) -> dict:
-  return {k: data_config.get(k) for k in DATASET_KEYS}
+  settings = {k: data_config.get(k) for k in DATASET_KEYS}
+  settings['source'] = sources.source_name(data_config)
+  return settings
 
 
-def write(clip, data_config: ml_collections.ConfigDict, out_dir: str,
-          splits=('train', 'test'), batch_size: int = 256) -> dict:
-  """Embeds every record of `splits` with the frozen `clip`; returns the info written.
-
-  Args:
-    clip: a `stages.clip.FrozenClip`.
-    data_config: the dataset config (as in a stage config's `data`).
-    out_dir: created if needed; existing files of the same splits are replaced.
-  """
-  from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  encode = jax.jit(lambda p, images, tokens: (clip.encode_image(images, p),
-                                              clip.encode_text(tokens, p)[0]))
-  counts = {}
-  for split in splits:
-    source = input_pipeline.get_source(data_config, split)
-    decode = input_pipeline.DecodeExample(data_config.resolution)
-    ids, image_emb, text_emb = [], [], []
-    for start in range(0, len(source), batch_size):
-      examples = [decode.map(source[i])
-                  for i in range(start, min(start + batch_size, len(source)))]
-      examples = [ex for ex in examples if ex is not None]   # corrupt images: skipped, counted
-      if not examples:
-        continue
-      n = len(examples)
-      images = np.stack([ex['image'] for ex in examples])
-      tokens = np.asarray(clip.tokenizer([ex['caption'] for ex in examples]), np.int32)
-      pad = batch_size - n          # one compiled shape for every batch
-      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-      tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, 0)])
-      img, txt = jax.device_get(encode(clip.params, images, tokens))
-      ids.extend(int(ex['id']) for ex in examples)
-      image_emb.append(img[:n])
-      text_emb.append(txt[:n])
-    ids = np.asarray(ids, np.int64)
-    order = np.argsort(ids, kind='stable')
-    if len(np.unique(ids)) != len(ids):
-      raise ValueError(f'{split}: record ids are not unique; embeddings cannot be looked up by id')
-    np.save(os.path.join(out_dir, f'{split}_ids.npy'), ids[order])
-    np.save(os.path.join(out_dir, f'{split}_image_emb.npy'),
-            np.concatenate(image_emb).astype(np.float32)[order])
-    np.save(os.path.join(out_dir, f'{split}_text_emb.npy'),
-            np.concatenate(text_emb).astype(np.float32)[order])
-    counts[split] = len(ids)
-  info = {'clip_fingerprint': clip_fingerprint(clip.params),
-          'embed_dim': int(clip.config.model.embed_dim),
-          'dataset': dataset_settings(data_config), 'counts': counts}
-  with open(os.path.join(out_dir, INFO), 'w') as f:
-    json.dump(info, f, indent=2)
-  return info
-
-
-def check(embeddings_dir: str, data_config: ml_collections.ConfigDict, clip=None) -> dict:
-  """The info of `embeddings_dir`; raises ValueError/FileNotFoundError if it does not belong to
-  this dataset configuration (or, given `clip`, to this CLIP)."""
+def read_info(embeddings_dir: str) -> Optional[dict]:
   path = os.path.join(embeddings_dir, INFO)
   if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'config.data.embeddings_dir: {embeddings_dir!r} has no {INFO}; write the embeddings '
-        'with `python -m unclip_jax.data.embeddings --config=... --out=...`')
+    return None
   with open(path) as f:
-    info = json.load(f)
+    return json.load(f)
+
+
+def write_info(embeddings_dir: str, info: dict):
+  """Writes info.json atomically (a reader never sees half of it)."""
+  tmp = os.path.join(embeddings_dir, INFO + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, os.path.join(embeddings_dir, INFO))
+
+
+def check(embeddings_dir: str, data_config: ml_collections.ConfigDict, clip=None,
+          splits=('train', 'test')) -> dict:
+  """The info of `embeddings_dir`; raises ValueError/FileNotFoundError if it is incomplete, or
+  does not belong to this data configuration (or, given `clip`, to this CLIP)."""
+  field = 'config.data.embeddings_dir'
+  info = read_info(embeddings_dir)
+  if info is None:
+    raise FileNotFoundError(
+        f'{field}: {embeddings_dir!r} has no {INFO}; write the embeddings with '
+        '`python -m unclip_jax.data.embeddings --config=... --out=...`')
+  if info.get('format') != FORMAT:
+    raise ValueError(f'{field}: {embeddings_dir!r} is in an older format; recompute it with '
+                     '`python -m unclip_jax.data.embeddings`')
   ours = dataset_settings(data_config)
   if info['dataset'] != ours:
-    raise ValueError(f'config.data.embeddings_dir: {embeddings_dir!r} was computed for the dataset '
-                     f'{info["dataset"]}, but config.data is {ours}')
+    differ = {k: (info['dataset'].get(k), ours.get(k)) for k in ours
+              if info['dataset'].get(k) != ours.get(k)}
+    raise ValueError(f'{field}: {embeddings_dir!r} was computed for other data: '
+                     + ', '.join(f'data.{k} {a!r} there, {b!r} here' for k, (a, b) in
+                                 differ.items()))
+  for split in splits:
+    if not info.get('splits', {}).get(split, {}).get('complete'):
+      raise ValueError(f'{field}: {embeddings_dir!r} has no complete {split!r} split (its '
+                       'writing was interrupted?); run the embeddings command again to finish it')
   if clip is not None:
-    if info['embed_dim'] != clip.config.model.embed_dim:
-      raise ValueError(f'config.data.embeddings_dir: {embeddings_dir!r} holds {info["embed_dim"]}-d '
-                       f'embeddings; the CLIP embeds in {clip.config.model.embed_dim} dimensions')
+    width = clip.config.model.embed_dim
+    if info['embed_dim'] != width:
+      raise ValueError(f'{field}: {embeddings_dir!r} holds {info["embed_dim"]}-d embeddings; '
+                       f'the CLIP embeds in {width} dimensions')
     fingerprint = clip_fingerprint(clip.params)
     if info['clip_fingerprint'] != fingerprint:
-      raise ValueError(f'config.data.embeddings_dir: {embeddings_dir!r} was computed by another '
-                       f'CLIP (fingerprint {info["clip_fingerprint"]}, this CLIP {fingerprint}); '
-                       'recompute them with this CLIP')
+      raise ValueError(f'{field}: {embeddings_dir!r} was computed by another CLIP (fingerprint '
+                       f'{info["clip_fingerprint"]}, this CLIP {fingerprint}); recompute them with '
+                       'this CLIP')
   return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing, part by part
+
+
+def part_name(process_index: int, chunk: int) -> str:
+  return f'part-{process_index:05d}-{chunk:06d}'
+
+
+def finished_parts(embeddings_dir: str, split: str, process_index: Optional[int] = None):
+  """The complete part folders of `split` (of one process, or all), sorted."""
+  folder = os.path.join(embeddings_dir, split)
+  if not os.path.isdir(folder):
+    return []
+  prefix = 'part-' if process_index is None else f'part-{process_index:05d}-'
+  return sorted(os.path.join(folder, d) for d in os.listdir(folder)
+                if d.startswith(prefix) and not d.endswith('.tmp'))
+
+
+def write_part(embeddings_dir: str, split: str, process_index: int, chunk: int,
+               keys: list[str], image_emb: np.ndarray, text_emb: np.ndarray, state: dict):
+  """Writes one chunk into a temporary folder, then renames it into place."""
+  final = os.path.join(embeddings_dir, split, part_name(process_index, chunk))
+  tmp = final + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  np.save(os.path.join(tmp, 'ids.npy'), sources.key_ids(keys))
+  np.save(os.path.join(tmp, 'keys.npy'), np.asarray(keys, dtype=str))
+  np.save(os.path.join(tmp, 'image_emb.npy'), np.asarray(image_emb, np.float32))
+  np.save(os.path.join(tmp, 'text_emb.npy'), np.asarray(text_emb, np.float32))
+  with open(os.path.join(tmp, 'state.json'), 'w') as f:
+    json.dump(state, f)
+  os.replace(tmp, final)
+
+
+def part_state(part: str) -> dict:
+  with open(os.path.join(part, 'state.json')) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
 
 
 class EmbeddingTable:
-  """Read-only (memory-mapped) embeddings of one split, looked up by record id."""
+  """Read-only (memory-mapped) embeddings of one split, looked up by sample key."""
 
   def __init__(self, embeddings_dir: str, split: str):
     self.embeddings_dir = embeddings_dir
     self.split = split
-    self._arrays = None
+    self._index = None
 
   def _load(self):
-    if self._arrays is None:   # lazily, so that the table pickles small into grain workers
-      load = lambda name: np.load(os.path.join(self.embeddings_dir, f'{self.split}_{name}.npy'),
-                                  mmap_mode='r')
-      self._arrays = load('ids'), load('image_emb'), load('text_emb')
-    return self._arrays
+    if self._index is None:   # lazily, so that the table pickles small into grain workers
+      parts = finished_parts(self.embeddings_dir, self.split)
+      if not parts:
+        raise FileNotFoundError(f'config.data.embeddings_dir: {self.embeddings_dir!r} holds no '
+                                f'{self.split!r} embeddings')
+      ids, part_of, row_of, arrays = [], [], [], []
+      for p, part in enumerate(parts):
+        part_ids = np.load(os.path.join(part, 'ids.npy'))
+        ids.append(part_ids)
+        part_of.append(np.full(len(part_ids), p, np.int32))
+        row_of.append(np.arange(len(part_ids), dtype=np.int64))
+        arrays.append(tuple(np.load(os.path.join(part, f'{name}.npy'), mmap_mode='r')
+                            for name in ('image_emb', 'text_emb')))
+      ids = np.concatenate(ids)
+      order = np.argsort(ids, kind='stable')
+      sorted_ids = ids[order]
+      duplicated = sorted_ids[1:] == sorted_ids[:-1]
+      if duplicated.any():
+        raise ValueError(f'config.data.embeddings_dir: {self.embeddings_dir!r} holds the sample '
+                         f'key id {int(sorted_ids[1:][duplicated][0])} twice in {self.split!r}; '
+                         'sample keys must be unique within a split')
+      self._index = (sorted_ids, np.concatenate(part_of)[order], np.concatenate(row_of)[order],
+                     arrays)
+    return self._index
 
   def __getstate__(self):
-    return {'embeddings_dir': self.embeddings_dir, 'split': self.split, '_arrays': None}
+    return {'embeddings_dir': self.embeddings_dir, 'split': self.split, '_index': None}
 
   def __len__(self) -> int:
     return len(self._load()[0])
 
-  def lookup(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """{'clip_image_emb', 'clip_text_emb'} float32 [N, D] for record ids [N]."""
-    table_ids, image_emb, text_emb = self._load()
-    ids = np.asarray(ids, np.int64)
+  def lookup(self, keys) -> dict[str, np.ndarray]:
+    """{'clip_image_emb', 'clip_text_emb'} float32 [N, D] for sample keys [N] (str)."""
+    table_ids, part_of, row_of, arrays = self._load()
+    keys = [str(k) for k in keys]
+    ids = sources.key_ids(keys)
     rows = np.minimum(np.searchsorted(table_ids, ids), len(table_ids) - 1)
-    missing = ids[table_ids[rows] != ids]
-    if missing.size:
-      raise KeyError(f'{self.embeddings_dir}: no {self.split} embedding for record id(s) '
-                     f'{missing[:5].tolist()}; recompute the embeddings for this dataset')
-    return {'clip_image_emb': np.asarray(image_emb[rows], np.float32),
-            'clip_text_emb': np.asarray(text_emb[rows], np.float32)}
+    missing = [k for k, ok in zip(keys, table_ids[rows] == ids) if not ok]
+    if missing:
+      raise KeyError(f'{self.embeddings_dir}: no {self.split} embedding for sample key(s) '
+                     f'{missing[:5]}; recompute the embeddings for this data')
+    out = {'clip_image_emb': np.empty((len(keys), arrays[0][0].shape[1]), np.float32),
+           'clip_text_emb': np.empty((len(keys), arrays[0][1].shape[1]), np.float32)}
+    parts, part_rows = part_of[rows], row_of[rows]
+    for p in np.unique(parts):
+      sel = parts == p
+      out['clip_image_emb'][sel] = arrays[p][0][part_rows[sel]]
+      out['clip_text_emb'][sel] = arrays[p][1][part_rows[sel]]
+    return out
 
   def mean_std(self, max_examples: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std of the image embeddings (the first `max_examples`)."""
-    emb = np.asarray(self._load()[1][:max_examples], np.float64)
+    arrays = self._load()[3]
+    chunks, n = [], 0
+    for image_emb, _ in arrays:
+      if max_examples is not None and n >= max_examples:
+        break
+      take = image_emb if max_examples is None else image_emb[:max_examples - n]
+      chunks.append(np.asarray(take, np.float64))
+      n += len(take)
+    emb = np.concatenate(chunks)
     return emb.mean(0).astype(np.float32), emb.std(0).astype(np.float32)
 
 
 class AttachEmbeddings(grain.transforms.Map):
-  """Adds `clip_image_emb` and `clip_text_emb` [B, D] to a batch, by its records' ids."""
+  """Adds `clip_image_emb` and `clip_text_emb` [B, D] to a batch, by its samples' keys."""
 
   def __init__(self, table: EmbeddingTable):
     self.table = table
 
   def map(self, batch: dict) -> dict:
-    batch.update(self.table.lookup(batch['id']))
+    batch.update(self.table.lookup(batch['key']))
     return batch
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from unclip_jax.stages import prior as prior_stage  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
-  if not config.clip.get('workdir'):
-    raise SystemExit('embeddings: set --config.clip.workdir to the trained CLIP run')
-  info = write(prior_stage.load_clip(config), config.data, flags.FLAGS.out,
-               batch_size=flags.FLAGS.batch_size)
-  print(json.dumps(info, indent=2))
-
-
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'A prior or decoder config (its clip and '
-                                  'data blocks).', lock_config=False)
-  flags.DEFINE_string('out', None, 'Output folder.')
-  flags.DEFINE_integer('batch_size', 256, 'Images per CLIP call.')
-  flags.mark_flags_as_required(['config', 'out'])
-  app.run(main)
+  from unclip_jax import embed  # pylint: disable=g-import-not-at-top
+  embed.run()

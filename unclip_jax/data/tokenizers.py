@@ -244,6 +244,24 @@ class ClipTokenizer(_Tokenizer):
         return data.decode("utf-8", errors="replace").strip()
 
 
+def default_bpe_path() -> str | None:
+    """The ``bpe_simple_vocab_16e6.txt.gz`` an installed open_clip ships (found without importing
+    it, which would import torch), or None."""
+    import importlib.util  # pylint: disable=g-import-not-at-top
+
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "bpe_simple_vocab_16e6.txt.gz"
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def _openai_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """OpenAI's vocabulary for ``merges``: bytes, bytes + ``</w>``, merges, sot, eot."""
     chars = list(bytes_to_unicode().values())
@@ -331,13 +349,16 @@ class WordTokenizer(_Tokenizer):
     Args:
         words: distinct words (letters/digits only; lower-cased here).
         context_length: default row length of :meth:`__call__`.
+        strict: refuse (ValueError naming the word) text with a word outside ``words``
+            instead of mapping it to unk: a corpus the vocabulary cannot represent.
     """
 
     UNK_ID = 3
     _WORD_RE = re.compile(r"[^\W_]+")  # runs of letters/digits
 
-    def __init__(self, words: Sequence[str], context_length: int = 16):
+    def __init__(self, words: Sequence[str], context_length: int = 16, strict: bool = False):
         super().__init__(context_length)
+        self.strict = strict
         if isinstance(words, str):
             raise TypeError("words must be a sequence of str, not a single str")
         words = tuple(_check_str(w).lower() for w in words)
@@ -361,8 +382,15 @@ class WordTokenizer(_Tokenizer):
         return 4 + len(self._words)
 
     def encode(self, text: str) -> list[int]:
-        """Word ids of one str (unknown words -> 3), without sot/eot."""
-        return [self._ids.get(w, self.UNK_ID) for w in self._WORD_RE.findall(_check_str(text).lower())]
+        """Word ids of one str (unknown words -> 3, or ValueError when strict), without sot/eot."""
+        ids = [self._ids.get(w, self.UNK_ID) for w in self._WORD_RE.findall(_check_str(text).lower())]
+        if self.strict and self.UNK_ID in ids:
+            unknown = [w for w in self._WORD_RE.findall(text.lower()) if w not in self._ids]
+            raise ValueError(
+                f"the word tokenizer knows only the built-in data's {len(self._words)} words; "
+                f"{text[:80]!r} has {unknown[0]!r}. Use the CLIP BPE tokenizer "
+                "(config.tokenizer.kind='clip_bpe') for this text")
+        return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Space-joined words of a 1-D id sequence; pad/sot/eot dropped, unk shown as ``<unk>``."""

@@ -5,8 +5,9 @@ The contrastive loss is computed over the global batch: inside the jitted step t
 global arrays, so every example is contrasted with every other example on every device.
 """
 
+import logging
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from unclip_jax.data import sources
 from unclip_jax.data import tokenizers
 from unclip_jax.stages import export
 from unclip_jax.models.clip import CLIP, MISSING_TOWER
@@ -41,18 +43,44 @@ def zero_shot_prompts(attribute: str, value: str) -> list[str]:
   return sorted(set(prompts))
 
 
+TOKENIZER_KINDS = ('auto', 'words', 'clip_bpe')
+# Zero-shot prompts for data with class labels (`config.data.label_key`), CLIP's style, when
+# the config names none; the class embedding averages them (prompt ensembling).
+DEFAULT_TEMPLATES = ('a photo of a {}.', 'a picture of a {}.', 'an image of a {}.', 'a {}.')
+
+
+def tokenizer_kind(config: ml_collections.ConfigDict) -> str:
+  """`config.tokenizer.kind`, with 'auto' resolved: 'words' for the built-in data (its small
+  fixed vocabulary), 'clip_bpe' for any other source."""
+  kind = config.tokenizer.kind
+  if kind not in TOKENIZER_KINDS:
+    raise ValueError(f'config.tokenizer.kind: {kind!r} is not one of {TOKENIZER_KINDS}')
+  if kind == 'auto':
+    return 'words' if sources.source_name(config.data) == 'shapes' else 'clip_bpe'
+  return kind
+
+
 def make_tokenizer(config: ml_collections.ConfigDict):
-  """The tokenizer named by `config.tokenizer.kind`: 'words' (built-in data) or 'clip_bpe'."""
+  """The tokenizer of `config.tokenizer`: 'words' (the built-in data only) or 'clip_bpe' (CLIP's
+  BPE, from `tokenizer.path`, else the vocabulary an installed open_clip ships)."""
   t = config.tokenizer
-  if t.kind == 'words':
+  kind = tokenizer_kind(config)
+  if kind == 'words':
+    source = sources.source_name(config.data) if 'data' in config else 'shapes'
+    if source != 'shapes':
+      raise ValueError(f"config.tokenizer.kind: the 'words' tokenizer knows only the built-in "
+                       f"data's words, not the captions of source {source!r}; use 'clip_bpe' "
+                       "(or 'auto')")
     from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
-    return tokenizers.WordTokenizer(captioned_shapes.caption_vocabulary(), t.context_length)
-  if t.kind == 'clip_bpe':
-    if not t.path:
-      raise ValueError("config.tokenizer.path: a merges file (bpe_simple_vocab_16e6.txt.gz, "
-                       "merges.txt or tokenizer.json) is needed for kind 'clip_bpe'")
-    return tokenizers.ClipTokenizer.from_file(t.path, context_length=t.context_length)
-  raise ValueError(f"config.tokenizer.kind: {t.kind!r} is not 'words' or 'clip_bpe'")
+    return tokenizers.WordTokenizer(captioned_shapes.caption_vocabulary(), t.context_length,
+                                    strict=True)
+  path = t.path or tokenizers.default_bpe_path()
+  if not path:
+    raise ValueError("config.tokenizer.path: the CLIP BPE tokenizer needs its vocabulary: set "
+                     "it to a bpe_simple_vocab_16e6.txt.gz, a merges.txt / tokenizer.json or a "
+                     "Hugging Face CLIP tokenizer folder (or install open_clip_torch, which "
+                     "ships bpe_simple_vocab_16e6.txt.gz)")
+  return tokenizers.ClipTokenizer.from_file(path, context_length=t.context_length)
 
 
 def build_model(config: ml_collections.ConfigDict) -> CLIP:
@@ -103,6 +131,38 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array
   return (loss_i2t + loss_t2i) / 2, metrics
 
 
+def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray) -> dict[str, float]:
+  """Recall@1/@5 of each pair's image among all texts and text among all images."""
+  similarity = image_emb @ text_emb.T
+  metrics = {}
+  for k in (1, 5):
+    metrics[f'image_to_text_recall@{k}'] = recall_at_k(similarity, k)
+    metrics[f'text_to_image_recall@{k}'] = recall_at_k(similarity.T, k)
+  return metrics
+
+
+def zero_shot_accuracy(image_emb: np.ndarray, classes: np.ndarray,
+                       labels: np.ndarray) -> dict[str, float]:
+  """Accuracy (top-1, top-5) of the nearest class embedding [C, D] over the examples whose
+  label [N] is a class (>= 0), and how many those were."""
+  keep = labels >= 0
+  if not keep.any():
+    return {'zero_shot_examples': 0.0}
+  scores = image_emb[keep] @ classes.T
+  order = np.argsort(-scores, axis=1)
+  truth = labels[keep][:, None]
+  return {'zero_shot_accuracy': float(np.mean(order[:, 0] == truth[:, 0])),
+          'zero_shot_top5_accuracy': float(np.mean(np.any(order[:, :5] == truth, axis=1))),
+          'zero_shot_examples': float(keep.sum())}
+
+
+def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+  """CLIP score of each image–text pair [N]: 100 × cosine, clipped at 0 (Hessel et al. 2021's
+  CLIPScore without its 2.5 weight, as text-to-image papers report it)."""
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return 100.0 * np.maximum(np.sum(unit(image_emb) * unit(text_emb), -1), 0.0)
+
+
 def recall_at_k(similarity: np.ndarray, k: int) -> float:
   """Fraction of rows whose own index (the diagonal) is among their top-k columns."""
   topk = np.argsort(-similarity, axis=1)[:, :k]
@@ -114,24 +174,44 @@ class Stage:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.model = build_model(config)
     self._tokenizer = None
+    if config.model.text is not None and config.tokenizer.kind == 'auto':
+      self._fit_text_tower_to_tokenizer()
+    elif config.model.text is not None and tokenizer_kind(config) == 'words':
+      self.tokenizer_unchecked()   # cheap; refuses data it cannot read now, not mid-run
+    self.model = build_model(config)
     self._encoders = None
+
+  def _fit_text_tower_to_tokenizer(self):
+    """With `tokenizer.kind = 'auto'` the tokenizer follows the data, and the text tower's
+    vocabulary and end token follow the tokenizer (the built-in data's 'words' fit the tiny
+    presets' 128 ids; CLIP's BPE needs 49408)."""
+    tok, text = self.tokenizer_unchecked(), self.config.model.text
+    if tok.vocab_size > text.vocab_size or tok.eot_id != text.eot_id:
+      logging.info('config.model.text: vocab_size %d -> %d and eot_id %d -> %d for the %s '
+                   'tokenizer', text.vocab_size, tok.vocab_size, text.eot_id, tok.eot_id,
+                   type(tok).__name__)
+      text.vocab_size = max(tok.vocab_size, text.vocab_size)
+      text.eot_id = tok.eot_id
+
+  def tokenizer_unchecked(self):
+    if self._tokenizer is None:
+      self._tokenizer = make_tokenizer(self.config)
+    return self._tokenizer
 
   @property
   def tokenizer(self):
-    if self._tokenizer is None:
-      self._tokenizer = make_tokenizer(self.config)
-      text = self.config.model.text
-      if text is None:
-        return self._tokenizer
-      if self._tokenizer.vocab_size > text.vocab_size:
-        raise ValueError(f'config.model.text.vocab_size: {text.vocab_size} is smaller than the '
-                         f'tokenizer vocabulary ({self._tokenizer.vocab_size})')
-      if self._tokenizer.eot_id != text.eot_id:
-        raise ValueError(f'config.model.text.eot_id: {text.eot_id} differs from the '
-                         f"tokenizer's end token {self._tokenizer.eot_id}")
-    return self._tokenizer
+    tok = self.tokenizer_unchecked()
+    text = self.config.model.text
+    if text is None:
+      return tok
+    if tok.vocab_size > text.vocab_size:
+      raise ValueError(f'config.model.text.vocab_size: {text.vocab_size} is smaller than the '
+                       f'tokenizer vocabulary ({tok.vocab_size})')
+    if tok.eot_id != text.eot_id:
+      raise ValueError(f'config.model.text.eot_id: {text.eot_id} differs from the '
+                       f"tokenizer's end token {tok.eot_id}")
+    return tok
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """'image' [B, S, S, 3] and 'tokens' [B, L]; a one-tower CLIP has only its own input."""
@@ -189,16 +269,32 @@ class Stage:
     return _batched(lambda t: encode(params, t), tokens, self.config.eval.batch_size)
 
   def zero_shot_classifier(self, params, attribute: str) -> np.ndarray:
-    """Unit class embeddings [num_classes, D] for one attribute, from ensembled prompts."""
+    """The built-in data: unit class embeddings [num_classes, D] for one attribute, from
+    ensembled prompts."""
     from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+    return self.class_embeddings(
+        params, [zero_shot_prompts(attribute, value)
+                 for value in captioned_shapes.ATTRIBUTES[attribute]])
+
+  def class_embeddings(self, params, prompts_per_class: list[list[str]]) -> np.ndarray:
+    """Unit class embeddings [C, D]: each class's prompts embedded and averaged."""
     rows = []
-    for value in captioned_shapes.ATTRIBUTES[attribute]:
-      emb = self.embed_texts(params, zero_shot_prompts(attribute, value)).mean(0)
+    for prompts in prompts_per_class:
+      emb = self.embed_texts(params, prompts).mean(0)
       rows.append(emb / np.linalg.norm(emb))
     return np.stack(rows)
 
+  def label_classifier(self, params) -> np.ndarray:
+    """Unit class embeddings [C, D] of `config.data.class_names` under the zero-shot templates."""
+    from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    names = input_pipeline.class_names(self.config.data)
+    templates = tuple(self.config.eval.get('zero_shot_templates') or DEFAULT_TEMPLATES)
+    return self.class_embeddings(params, [[t.format(n) for t in templates] for n in names])
+
   def evaluate(self, params, workdir: Optional[str] = None) -> dict[str, float]:
-    """Zero-shot accuracy per attribute and retrieval recall@1/@5 on the held-out split."""
+    """On the held-out split: image↔text retrieval recall@1/@5 (any data); zero-shot accuracy
+    of the class in `config.data.label_key` (data with labels); on the built-in data, zero-shot
+    accuracy per attribute."""
     del workdir
     from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     e = self.config.eval
@@ -206,16 +302,16 @@ class Stage:
                                      max_examples=e.num_examples)
     image_emb = self.embed_images(params, data['image'])
     metrics = {}
-    for attribute in ZERO_SHOT_ATTRIBUTES:
-      classes = self.zero_shot_classifier(params, attribute)
-      predicted = np.argmax(image_emb @ classes.T, axis=1)
-      metrics[f'zero_shot_{attribute}_accuracy'] = float(np.mean(predicted == data[attribute]))
+    if sources.source_name(self.config.data) == 'shapes':
+      for attribute in ZERO_SHOT_ATTRIBUTES:
+        classes = self.zero_shot_classifier(params, attribute)
+        predicted = np.argmax(image_emb @ classes.T, axis=1)
+        metrics[f'zero_shot_{attribute}_accuracy'] = float(np.mean(predicted == data[attribute]))
+    if 'label' in data:
+      metrics.update(zero_shot_accuracy(image_emb, self.label_classifier(params), data['label']))
     _, encode_text = self._compiled_encoders()
     text_emb = _batched(lambda t: encode_text(params, t), data['tokens'], e.batch_size)
-    similarity = image_emb @ text_emb.T
-    for k in (1, 5):
-      metrics[f'image_to_text_recall@{k}'] = recall_at_k(similarity, k)
-      metrics[f'text_to_image_recall@{k}'] = recall_at_k(similarity.T, k)
+    metrics.update(retrieval_metrics(image_emb, text_emb))
     return metrics
 
   def sample(self, params, workdir, step):
@@ -293,6 +389,21 @@ class FrozenClip:
                                 'bilinear')
     return self.stage.model.apply({'params': params}, images, normalize=normalize,
                                   method=CLIP.encode_image)
+
+  def embed_images(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Images [N, H, W, 3] in [-1, 1] (any size) → unit embeddings [N, D], in fixed-size
+    batches under one compiled call."""
+    if getattr(self, '_embed_images', None) is None:
+      self._embed_images = jax.jit(lambda p, x: self.encode_image(x, p))
+    return _batched(lambda x: self._embed_images(self.params, x), np.asarray(images),
+                    batch_size)
+
+  def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Texts → unit embeddings [N, D] (the tokenizer's truncation applies)."""
+    if getattr(self, '_embed_texts', None) is None:
+      self._embed_texts = jax.jit(lambda p, t: self.encode_text(t, p)[0])
+    tokens = np.asarray(self.tokenizer(list(texts)))
+    return _batched(lambda t: self._embed_texts(self.params, t), tokens, batch_size)
 
   def token_mask(self, tokens: jax.Array) -> jax.Array:
     """[B, L] bool: True up to and including the end token (the real caption tokens).

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unclip_jax.data import sources
 from unclip_jax.diffusion import gaussian_diffusion
 from unclip_jax.diffusion import samplers
 from unclip_jax.images import image_grid
@@ -61,6 +62,10 @@ class Stage:
                clip: Optional[clip_stage.FrozenClip] = None):
     self.config = config
     self.clip = prior_stage.load_clip(config) if clip is None else clip
+    if sources.source_name(config.data) == 'clip_embeddings':
+      raise ValueError("config.data.source: the decoder learns to draw images, so it needs them; "
+                       "'clip_embeddings' holds embeddings only (use it for the prior)")
+    prior_stage.check_tokenizer_fits_data(self.clip, config)
     self.model = build_model(config, self.clip.config)
     self.diffusion = build_diffusion(config)
     self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
@@ -260,33 +265,43 @@ class Stage:
                                      max_examples=n)
 
   def _reconstruct(self, params, data, seed):
-    """Decodes each held-out image's CLIP embedding (with its caption), in fixed-size batches."""
+    """Decodes each held-out image's CLIP embedding (with its caption), in fixed-size batches:
+    (images [N, R, R, 3], the embeddings decoded [N, D])."""
     e = self.config.eval
     features = self._compiled('features', self.clip_features)
-    out = []
+    out, embeddings = [], []
     n = len(data['image'])
+    keys = [k for k in ('image', 'tokens', 'clip_image_emb') if k in data]
     for i in range(0, n, e.batch_size):
-      chunk = {k: prior_stage.pad_to(data[k][i:i + e.batch_size], e.batch_size)
-               for k in ('image', 'tokens')}
+      chunk = {k: prior_stage.pad_to(data[k][i:i + e.batch_size], e.batch_size) for k in keys}
       f = features(self.clip.params, chunk)
       images = self._compiled('sample', self.sample_fn)(
           params, f['clip_emb'], f['caption'], f['caption_mask'],
           jax.random.fold_in(jax.random.PRNGKey(seed), i), None, f.get('text_emb'), self._null())
-      out.append(np.asarray(clip_stage.to_host(images))[:min(e.batch_size, n - i)])
-    return np.concatenate(out)
+      keep = min(e.batch_size, n - i)
+      out.append(np.asarray(clip_stage.to_host(images))[:keep])
+      embeddings.append(np.asarray(clip_stage.to_host(f['clip_emb']))[:keep])
+    return np.concatenate(out), np.concatenate(embeddings)
 
   def evaluate(self, params, workdir: Optional[str] = None) -> dict[str, float]:
-    """Held-out images' CLIP embeddings decoded; the samples' background and shape colours read
-    from pixels (`shape_checker`) against the source images' attributes, and the same read of the
-    real images as the ceiling."""
+    """Held-out images' CLIP embeddings decoded, the decodings embedded again by the frozen
+    CLIP: their cosine to the embedding they were decoded from, against the cosine between
+    different held-out images' embeddings, and how often a decoding's nearest source embedding
+    is its own (any data). On the built-in data also the samples' background colour, shape
+    colour and shape read from pixels (`shape_checker`) against the source images', and the
+    same read of the real images as the ceiling."""
     del workdir
-    from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
     data = self._held_out(self.config.eval.num_examples)
-    samples = self._reconstruct(params, data, self.config.seed + 1)
-    labels = {k: data[k] for k in ('color', 'background', 'shape')}
-    metrics = {f'samples_{k}': v for k, v in shape_checker.score(samples, labels).items()}
-    metrics.update({f'real_{k}': v for k, v in shape_checker.score(data['image'],
-                                                                   labels).items()})
+    samples, source_emb = self._reconstruct(params, data, self.config.seed + 1)
+    metrics = reconstruction_metrics(self.clip.embed_images(samples, self.config.eval.batch_size),
+                                     source_emb)
+    if sources.source_name(self.config.data) == 'shapes':
+      from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
+      labels = {k: data[k] for k in ('color', 'background', 'shape')}
+      metrics.update({f'samples_{k}': v for k, v in shape_checker.score(samples,
+                                                                        labels).items()})
+      metrics.update({f'real_{k}': v for k, v in shape_checker.score(data['image'],
+                                                                     labels).items()})
     return metrics
 
   def sample(self, params, workdir, step):
@@ -294,12 +309,27 @@ class Stage:
     del workdir, step
     n = self.config.sampling.num_images
     data = self._held_out(n)
-    samples = self._reconstruct(params, data, self.config.seed + 2)
+    samples, _ = self._reconstruct(params, data, self.config.seed + 2)
     pairs = np.concatenate([data['image'][:n], samples[:n]])
     return {'reconstructions': image_grid(pairs, columns=n)[None]}
 
   def export(self, params, workdir: str):
     export.save_export(os.path.join(workdir, 'export'), params, self.config)
+
+
+def reconstruction_metrics(decoded_emb: np.ndarray, source_emb: np.ndarray) -> dict[str, float]:
+  """Decoded images' CLIP embeddings [N, D] against those they were decoded from [N, D]:
+  mean cosine to their own source, mean cosine between different sources (the level a decoder
+  that ignored its input would reach), and top-1 retrieval of the own source among all N."""
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  decoded, source = unit(np.asarray(decoded_emb, np.float64)), unit(np.asarray(source_emb,
+                                                                               np.float64))
+  similarity = decoded @ source.T
+  n = len(similarity)
+  off = (source @ source.T)[~np.eye(n, dtype=bool)]
+  return {'reconstruction_cosine': float(np.mean(np.diag(similarity))),
+          'reconstruction_cosine_other_images': float(off.mean()) if off.size else 0.0,
+          'reconstruction_retrieval@1': float(np.mean(np.argmax(similarity, 1) == np.arange(n)))}
 
 
 def load_decoder(path: str, clip: Optional[clip_stage.FrozenClip] = None):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unclip_jax.data import sources
 from unclip_jax.diffusion import gaussian_diffusion
 from unclip_jax.diffusion import samplers
 from unclip_jax.models.prior import DiffusionPrior
@@ -73,7 +74,9 @@ class Stage:
     self.clip = load_clip(config) if clip is None else clip
     clip_config = self.clip.config
     vision = clip_config.model.get('vision')
-    if vision and vision.image_size != config.data.resolution:
+    self.from_embeddings = sources.source_name(config.data) == 'clip_embeddings'
+    check_tokenizer_fits_data(self.clip, config)
+    if vision and vision.image_size != config.data.resolution and not self.from_embeddings:
       raise ValueError(f'config.data.resolution: {config.data.resolution} differs from the '
                        f'CLIP image size {clip_config.model.vision.image_size}')
     self.model = build_model(config, clip_config)
@@ -87,11 +90,11 @@ class Stage:
     if self.null_caption not in ('learned', 'empty_prompt'):
       raise ValueError(f"config.model.null_caption: {self.null_caption!r} is not 'learned' or "
                        "'empty_prompt'")
-    self.precomputed = bool(config.data.get('embeddings_dir'))
-    if self.precomputed:
-      if not self.normalize:
-        raise ValueError('config.data.embeddings_dir: precomputed embeddings are unit-norm, but '
-                         'config.clip.normalize is False')
+    self.precomputed = bool(config.data.get('embeddings_dir')) or self.from_embeddings
+    if self.precomputed and not self.normalize:
+      raise ValueError('config.data: precomputed embeddings are unit-norm, but '
+                       'config.clip.normalize is False')
+    if config.data.get('embeddings_dir'):
       from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
       embeddings.check(config.data.embeddings_dir, config.data, self.clip)
 
@@ -134,8 +137,20 @@ class Stage:
                                                       normalize=self.normalize)
     return jax.tree.map(jax.lax.stop_gradient, features)
 
+  def embedding_source(self, split: str):
+    """The `clip_embeddings` source of `split`, checked against the CLIP's width."""
+    source = sources.get(self.config.data, split)
+    width = self.clip.config.model.embed_dim
+    if source.embed_dim != width:
+      raise ValueError(f'config.data.paths: {source.describe()} holds {source.embed_dim}-d '
+                       f'embeddings; the CLIP (config.clip) embeds in {width} dimensions')
+    return source
+
   def embedding_stats(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std of the frozen CLIP's training image embeddings."""
+    if self._stats is None and self.from_embeddings:
+      emb = self.embedding_source('train').image_embeddings(self.config.prior.stats_examples)
+      self._stats = emb.mean(0), emb.std(0) + 1e-6
     if self._stats is None and self.precomputed:
       from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
       table = embeddings.EmbeddingTable(self.config.data.embeddings_dir, 'train')
@@ -192,7 +207,8 @@ class Stage:
     from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     return input_pipeline.make_iterator(
         self.config.data, split=split, batch_size=batch_size, tokenizer=self.tokenizer,
-        seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count)
+        seed=seed, shuffle=shuffle, process_index=process_index, process_count=process_count,
+        data_source=self.embedding_source(split) if self.from_embeddings else None)
 
   # --- sampling ---------------------------------------------------------------------------------
 
@@ -260,20 +276,23 @@ class Stage:
   # --- evaluation -------------------------------------------------------------------------------
 
   def evaluate(self, params, workdir: Optional[str] = None) -> dict[str, float]:
-    """Held-out split: cosine of sampled image embeddings to the true image and text embeddings
-    (against the text-embedding baseline), and CLIP zero-shot accuracy of the sampled embeddings
-    (against the true image embeddings' and the text embeddings')."""
+    """Held-out split: cosine of sampled image embeddings to the true image and text embeddings,
+    against the text-embedding baseline (any data); CLIP zero-shot accuracy of the sampled
+    embeddings, against the true image embeddings' and the text embeddings', for the class of
+    `config.data.label_key` (data with labels) and the built-in data's attributes."""
     del workdir
     from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     e = self.config.eval
-    data = input_pipeline.load_split(self.config.data, 'test', tokenizer=self.tokenizer,
-                                     max_examples=e.num_examples)
+    data = input_pipeline.load_split(
+        self.config.data, 'test', tokenizer=self.tokenizer, max_examples=e.num_examples,
+        data_source=self.embedding_source('test') if self.from_embeddings else None)
     features = jax.jit(self.clip_features)
     preds, texts, images = [], [], []
     rng = jax.random.PRNGKey(self.config.seed + 1)
     n = len(data['tokens'])
     for i in range(0, n, e.batch_size):
-      chunk = {k: pad_to(data[k][i:i + e.batch_size], e.batch_size) for k in ('tokens', 'image')}
+      chunk = {k: pad_to(data[k][i:i + e.batch_size], e.batch_size)
+               for k in ('tokens', 'image', 'clip_image_emb') if k in data}
       f = features(self.clip.params, chunk)
       if self._sample_fn is None:
         self._sample_fn = jax.jit(self.sample_fn)
@@ -287,11 +306,19 @@ class Stage:
     cos = lambda a, b: float(np.mean(np.sum(a * b, -1)))
     metrics = {'cosine_pred_image': cos(pred, image), 'cosine_pred_text': cos(pred, text),
                'cosine_text_image_baseline': cos(text, image)}
-    for attribute in ('shape', 'color', 'background'):
-      classes = self.clip.stage.zero_shot_classifier(self.clip.params, attribute)
+    classifiers = {}
+    if 'label' in data:
+      classifiers['label'] = (self.clip.stage.label_classifier(self.clip.params), data['label'])
+    if sources.source_name(self.config.data) == 'shapes':
+      for attribute in ('shape', 'color', 'background'):
+        classifiers[attribute] = (self.clip.stage.zero_shot_classifier(self.clip.params,
+                                                                       attribute), data[attribute])
+    for attribute, (classes, labels) in classifiers.items():
+      keep = labels >= 0
+      prefix = 'zero_shot_accuracy' if attribute == 'label' else f'zero_shot_{attribute}_accuracy'
       for name, emb in (('pred', pred), ('image', image), ('text', text)):
-        accuracy = np.mean(np.argmax(emb @ classes.T, 1) == data[attribute])
-        metrics[f'zero_shot_{attribute}_accuracy_{name}'] = float(accuracy)
+        accuracy = np.mean(np.argmax(emb[keep] @ classes.T, 1) == labels[keep])
+        metrics[f'{prefix}_{name}'] = float(accuracy)
     return metrics
 
   def sample(self, params, workdir, step):
@@ -306,6 +333,18 @@ def load_prior(path: str, clip: Optional[clip_stage.FrozenClip] = None):
   """(Stage, params) of a trained prior (a prior run's workdir or its export/)."""
   config, params = export.load_export(path, what='prior')
   return Stage(config, clip=clip), params
+
+
+def check_tokenizer_fits_data(clip: clip_stage.FrozenClip, config):
+  """A CLIP with the built-in data's word tokenizer cannot read another source's captions."""
+  kind = clip.config.get('tokenizer', {}).get('kind')
+  if kind == 'auto':
+    kind = clip_stage.tokenizer_kind(clip.config)
+  source = sources.source_name(config.data)
+  if kind == 'words' and source != 'shapes':
+    raise ValueError(f"config.clip: this CLIP reads captions with the built-in data's word "
+                     f"tokenizer, which cannot represent source {source!r}'s captions; train "
+                     "(or convert) a CLIP with the BPE tokenizer for this data")
 
 
 def cached_null_features(stage):

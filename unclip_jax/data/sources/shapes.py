@@ -1,0 +1,41 @@
+"""`shapes`: the built-in CaptionedShapes data (generated on first use; see `captioned_shapes`).
+
+Records are read with tfds' random-access `ArrayRecordDataSource`, which parses the stored
+`tf.train.Example` protos with tfds' numpy/protobuf parser: reading never imports TensorFlow.
+Each raw example carries the scene's attributes and record id as labels.
+"""
+
+from __future__ import annotations
+
+from unclip_jax.data import captioned_shapes
+from unclip_jax.data import sources
+
+LABEL_KEYS = tuple(captioned_shapes.ATTRIBUTES) + ('id',)
+
+
+class ShapesSource(sources.RandomAccessSource):
+  """Random-access CaptionedShapes records as raw examples."""
+
+  def __init__(self, records, name: str):
+    self._records = records
+    self._name = name
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._records[index]
+    return {'key': str(int(record['id'])), 'image': record['image'],
+            'caption': sources.text(record['caption']),
+            'labels': {k: int(record[k]) for k in LABEL_KEYS}}
+
+  def describe(self) -> str:
+    return self._name
+
+
+def make(data_config, split: str) -> ShapesSource:
+  builder = captioned_shapes.prepare(
+      data_config.get('data_dir'), resolution=data_config.resolution,
+      num_train=data_config.num_train, num_test=data_config.num_test, seed=data_config.seed)
+  return ShapesSource(builder.as_data_source(split),
+                      f'{builder.name}/{builder.builder_config.name}/{split}')
