@@ -411,11 +411,14 @@ def _raw_dataset(data_config, source, *, seed, shuffle, num_epochs, process_inde
     raise ValueError(f'{source.describe()}: {len(source)} records for {process_count} '
                      'processes; every process needs at least one')
   records = _SampledRecords(source, sampler, process_index, process_count, per_epoch)
+  return grain.MapDataset.source(records).to_iter_dataset(_read_options(data_config)), 0
+
+
+def _read_options(data_config) -> grain.ReadOptions:
   read_threads = data_config.get('read_threads', 0) or 0
-  read_options = grain.ReadOptions(
+  return grain.ReadOptions(
       num_threads=read_threads,
       prefetch_buffer_size=(data_config.get('read_buffer', 64) or 0) if read_threads else 0)
-  return grain.MapDataset.source(records).to_iter_dataset(read_options), 0
 
 
 def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
@@ -456,7 +459,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
   ds, window = _raw_dataset(data_config, source, seed=seed, shuffle=shuffle,
                             num_epochs=num_epochs, process_index=process_index,
                             process_count=process_count)
-  ds = ds.map(ProcessExample(data_config, seed=seed, train=shuffle, where=description))
+  ds = ds.map(ProcessExample(data_config, seed=seed, train=True, where=description))
   ds = _CountSkips(ds, description, window)
   ds = ds.batch(batch_size, drop_remainder=True)
   if tokenizer is not None:
@@ -487,7 +490,8 @@ def make_example_iterator(data_config: ml_collections.ConfigDict, split: str, *,
       return iter(grain.MapDataset.source([]).to_iter_dataset())
     ds = _UnitsIterDataset(source, units, seed=0, shuffle=False, num_epochs=1)
   else:
-    ds = grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset()
+    ds = grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset(
+        _read_options(data_config))
   ds = _CountSkips(ds.map(ProcessExample(data_config, train=False, where=description)),
                    description)
   return iter(ds.map(_RecordSkips()))

@@ -81,13 +81,13 @@ class ClipEmbeddingsSource(sources.RandomAccessSource):
 
   def _open(self):
     if self._arrays is None:   # opened lazily: the source pickles small into grain workers
-      self._arrays = []
+      arrays = []              # (read threads may race here: publish the list when complete)
       for image_file, text_file, meta_file in zip(self._image_files, self._text_files,
                                                   self._meta_files):
         meta = pq.read_table(meta_file).to_pylist()
-        self._arrays.append((np.load(image_file, mmap_mode='r'),
-                             None if text_file is None else np.load(text_file, mmap_mode='r'),
-                             meta))
+        arrays.append((np.load(image_file, mmap_mode='r'),
+                       None if text_file is None else np.load(text_file, mmap_mode='r'), meta))
+      self._arrays = arrays
     return self._arrays
 
   def __getstate__(self):

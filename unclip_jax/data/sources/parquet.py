@@ -64,8 +64,9 @@ class ParquetSource(sources.StreamingSource):
   def _columns(self, schema_names: list[str], path: str) -> tuple[str, list[str]]:
     image = self.image_key or next((c for c in IMAGE_COLUMNS if c in schema_names), None)
     if image is None or image not in schema_names:
-      raise ValueError(f'config.data.image_key: {path} has no image column '
-                       f'{image or IMAGE_COLUMNS}; its columns: {schema_names}')
+      wanted = repr(image) if image else f'(none of {IMAGE_COLUMNS})'
+      raise ValueError(f'config.data.image_key: {path} has no image column {wanted}; its '
+                       f'columns: {schema_names}')
     return image, schema_names
 
   def read(self, unit, position=None):
