@@ -86,3 +86,87 @@ def test_mismatched_embeddings_are_refused(clip, data_dir, written, tmp_path):
   config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': str(tmp_path)})
   with pytest.raises(FileNotFoundError, match='python -m unclip_jax.data.embeddings'):
     decoder_stage.Stage(config, clip=clip)
+
+
+def test_writing_resumes_after_a_kill_and_splits_across_processes(clip, data_dir, written,
+                                                                  tmp_path):
+  """Stopped after one finished part, the writer continues from that part's reader state: the
+  result equals an uninterrupted run's. Two processes write disjoint parts that together hold
+  every sample."""
+  out, _ = written
+  data = helpers.tiny_decoder_config(data_dir).data
+  resumed = str(tmp_path / 'resumed')
+  embed._prepare_dir(clip, data, resumed, overwrite=False)   # pylint: disable=protected-access
+  stopped = embed.write_split(clip, data, resumed, 'train', batch_size=48, chunk_size=100,
+                              progress=False, max_chunks=1)
+  assert stopped['count'] == 100 and len(embeddings.finished_parts(resumed, 'train')) == 1
+  info = embed.write(clip, data, resumed, batch_size=48, chunk_size=100, progress=False)
+  assert info['splits']['train']['count'] == 256
+  for split in ('train', 'test'):
+    a, b = embeddings.EmbeddingTable(out, split), embeddings.EmbeddingTable(resumed, split)
+    keys = [str(k) for k in np.load(f'{embeddings.finished_parts(out, split)[0]}/keys.npy')]
+    np.testing.assert_array_equal(a.lookup(keys)['clip_image_emb'],
+                                  b.lookup(keys)['clip_image_emb'])
+    assert len(a) == len(b)
+
+  shared = str(tmp_path / 'two_processes')
+  embed._prepare_dir(clip, data, shared, overwrite=False)   # pylint: disable=protected-access
+  counts = [embed.write_split(clip, data, shared, 'test', batch_size=16, chunk_size=20,
+                              process_index=p, process_count=2, progress=False)['count']
+            for p in range(2)]
+  assert counts == [32, 32]
+  per_process = [{str(k) for part in embeddings.finished_parts(shared, 'test', p)
+                  for k in np.load(f'{part}/keys.npy')} for p in range(2)]
+  assert not per_process[0] & per_process[1] and len(per_process[0] | per_process[1]) == 64
+  assert len(embeddings.EmbeddingTable(shared, 'test')) == 64
+  with pytest.raises(ValueError, match='holds other embeddings'):
+    embed.write(clip_stage.random_clip(helpers.tiny_clip_config(data_dir), seed=3), data,
+                resumed, progress=False)
+
+
+def test_prior_trains_from_an_embedding_reader_folder_without_images(data_dir, tmp_path):
+  """The clip-retrieval layout holding a (BPE-tokenizer) CLIP's embeddings of the built-in
+  images: the prior's batches carry them (no image is read) and its loss falls."""
+  clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir, **{
+      'data.source': 'webdataset'}))
+  assert clip.config.model.text.vocab_size == 49408
+  from tests.data import test_sources  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  data = helpers.tiny_decoder_config(data_dir).data
+  folders, unit = {}, {}
+  for split in ('train', 'test'):
+    examples = input_pipeline.load_split(data, split, tokenizer=clip.tokenizer, max_examples=64)
+    folder = str(tmp_path / split)
+    test_sources.write_embedding_folder(folder, [32, 32], dim=clip.config.model.embed_dim)
+    emb = np.asarray(clip.encode_image(examples['image']), np.float16)
+    for n in range(2):       # the real embeddings and captions in the layout's files
+      np.save(f'{folder}/img_emb/img_emb_{n}.npy', emb[32 * n:32 * (n + 1)])
+      pq.write_table(pa.table({'caption': [str(c) for c in examples['caption'][32 * n:32 * (n + 1)]],
+                               'key': [str(k) for k in examples['key'][32 * n:32 * (n + 1)]]}),
+                     f'{folder}/metadata/metadata_{n}.parquet')
+    folders[split] = folder
+    unit[split] = emb.astype(np.float32) / np.linalg.norm(emb.astype(np.float32), axis=-1,
+                                                          keepdims=True)
+  config = helpers.tiny_prior_config(data_dir, **{
+      'data.source': 'clip_embeddings', 'data.paths': folders['train'],
+      'data.eval_paths': folders['test'], 'data.resolution': 64, 'optim.lr': 3e-3,
+      'optim.warmup_steps': 5})
+  prior = prior_stage.Stage(config, clip=clip)
+  assert set(prior.batch_spec(2)) == {'tokens', 'clip_image_emb'}
+  batches = helpers.take_batches(prior, config, 40)
+  for row in batches[0]['clip_image_emb']:      # the folder's rows, made unit-norm
+    assert np.abs(unit['train'] - row).max(axis=1).min() < 1e-6
+  state, losses = helpers.run_train_steps(prior, config, helpers.mesh((1, 1, 1), 1), batches)
+  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+  mean, std = prior.embedding_stats()
+  assert mean.shape == (clip.config.model.embed_dim,) and (std > 0).all()
+  metrics = prior.evaluate(jax.device_get(state.params))
+  assert 'cosine_pred_image' in metrics and 'zero_shot_shape_accuracy_pred' not in metrics
+  wrong = helpers.tiny_prior_config(data_dir, **{'data.source': 'clip_embeddings',
+                                                 'data.paths': folders['train']})
+  wrong_clip = clip_stage.random_clip(helpers.tiny_clip_config(data_dir, **{
+      'model.embed_dim': 16, 'data.source': 'webdataset'}))
+  with pytest.raises(ValueError, match='holds 32-d embeddings; the CLIP .* embeds in 16'):
+    prior_stage.Stage(wrong, clip=wrong_clip).make_iterator('train', 4, seed=0, shuffle=True,
+                                                            process_index=0, process_count=1)
