@@ -181,3 +181,66 @@ def test_global_batch_assembly():
   assert batch['x'].sharding.spec == P(('data', 'fsdp'))
   assert batch['x'].addressable_shards[0].data.shape == (2, 2)
   np.testing.assert_array_equal(np.asarray(batch['x']), local['x'])
+
+
+class _RunnableLinearStage(_LinearStage):
+  """`_LinearStage` with data, an export, and an evaluation that fails."""
+
+  def __init__(self, width=1):
+    super().__init__()
+    self.model = nn.Dense(width, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('embed', 'mlp')))
+    self.width = width
+
+  def batch_spec(self, batch_size):
+    return dict(super().batch_spec(batch_size),
+                y=jax.ShapeDtypeStruct((batch_size, self.width), jnp.float32))
+
+  def make_iterator(self, split, batch_size, **kwargs):
+    del split, kwargs
+    import grain  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    batches = [{'x': rng.normal(size=(batch_size, 4)).astype(np.float32),
+                'y': rng.normal(size=(batch_size, self.width)).astype(np.float32)}
+               for _ in range(3)]
+    return iter(grain.MapDataset.source(batches).repeat(None).to_iter_dataset())
+
+  def evaluate(self, params, workdir):
+    raise RuntimeError('broken evaluation')
+
+  def sample(self, params, workdir, step):
+    return None
+
+  def export(self, params, workdir):
+    from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
+    export.save_export(os.path.join(workdir, 'export'), params, self.config)
+
+
+def test_failing_evaluation_keeps_checkpoint_and_export_and_init_from_starts_there(
+    make_tiny_clip_config, tmp_path):
+  """An evaluation that raises costs the run neither its final checkpoint nor its export (and
+  writes no eval_metrics.json, so a later run evaluates again). A run with `init_from` that
+  export starts from its parameters exactly (lr(0) = 0: the first step moves nothing);
+  mismatched shapes are refused naming the tensor."""
+  config = make_tiny_clip_config(**{'num_train_steps': 4, 'checkpoint.every_steps': 0})
+  stage = _RunnableLinearStage()
+  stage.config = config
+  first = str(tmp_path / 'first')
+  metrics = train.train_and_evaluate(config, first, stage=stage)
+  assert metrics == {'error': 'RuntimeError: broken evaluation'}
+  assert os.path.exists(os.path.join(first, 'export', 'config.json'))
+  assert sorted(os.listdir(os.path.join(first, 'checkpoints'))) == ['4']
+  assert not os.path.exists(os.path.join(first, 'eval_metrics.json'))
+
+  exported = ocp.StandardCheckpointer().restore(os.path.join(first, 'export', 'params'))
+  tuned = make_tiny_clip_config(**{'num_train_steps': 4, 'init_from': first})
+  second = str(tmp_path / 'second')
+  assert train.train_and_evaluate(tuned, second, stage=stage, stop_at_step=1) == {}
+  state = _restore_state(second, 1)
+  for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(exported)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  wider = _RunnableLinearStage(width=2)
+  wider.config = tuned
+  with pytest.raises(ValueError, match=r"config.init_from: \['bias'\] has shape \(1,\) in "
+                                       r".* but \(2,\) in this model"):
+    train.train_and_evaluate(tuned, str(tmp_path / 'third'), stage=wider)

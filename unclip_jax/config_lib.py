@@ -71,6 +71,11 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 500
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # Fine-tuning: start from the parameters of an export (a stage's `export/`, e.g. karlo's
+  # converted decoder) instead of random ones; the optimizer starts fresh at step 0. Every tensor
+  # must match; `init_from_partial` keeps fresh values for tensors the export lacks (a new head).
+  c.init_from = ml_collections.config_dict.placeholder(str)
+  c.init_from_partial = False
   return c
 
 

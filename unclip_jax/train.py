@@ -142,6 +142,56 @@ def create_train_state(stage, config, mesh, tx) -> tuple[TrainState, PyTree]:
   return state, shardings
 
 
+def init_from_export(config, abstract_params: PyTree) -> PyTree:
+  """The parameters of the export `config.init_from` names (an export folder or a run holding
+  `export/`), checked against the stage's own: every tensor must exist with the same shape.
+  With `config.init_from_partial`, tensors the stage has and the export lacks keep their fresh
+  initialisation (new heads) and extra ones are ignored; both are logged.
+
+  Returns:
+    a tree like `abstract_params` of numpy arrays, with None where a fresh value is kept.
+  Raises:
+    ValueError naming the first tensor whose shape differs, or that is missing / extra.
+  """
+  from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
+  _, loaded = export.load_export(config.init_from, what='stage to start from')
+  partial = bool(config.get('init_from_partial', False))
+  ours = {jax.tree_util.keystr(p): a for p, a in
+          jax.tree_util.tree_leaves_with_path(abstract_params)}
+  theirs = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_leaves_with_path(loaded)}
+  for name in sorted(set(ours) & set(theirs)):
+    if tuple(ours[name].shape) != tuple(np.shape(theirs[name])):
+      raise ValueError(f'config.init_from: {name} has shape {tuple(np.shape(theirs[name]))} in '
+                       f'{config.init_from} but {tuple(ours[name].shape)} in this model')
+  missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+  if (missing or extra) and not partial:
+    what = f'lacks {missing[0]}' if missing else f'has {extra[0]}, which this model has not'
+    raise ValueError(f'config.init_from: {config.init_from} {what} ({len(missing)} missing, '
+                     f'{len(extra)} extra tensors); set config.init_from_partial=True to keep '
+                     'fresh values for missing ones (e.g. a new head) and ignore extra ones')
+  if missing or extra:
+    logging.warning('config.init_from: %d tensors keep their initialisation (%s), %d extra ones '
+                    'are ignored', len(missing), ', '.join(missing[:5]), len(extra))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: (np.asarray(theirs[jax.tree_util.keystr(p)])
+                    if jax.tree_util.keystr(p) in theirs else None), abstract_params)
+
+
+def start_from(state: TrainState, loaded: PyTree, shardings) -> TrainState:
+  """`state` with its params and EMA params replaced by `loaded` (None leaves: kept), each
+  array built shard by shard with the state's sharding (so also across hosts); optimizer state
+  and step stay fresh."""
+  def place(new, old, sharding):
+    if new is None:
+      return old
+    host = np.asarray(new, old.dtype)
+    return jax.make_array_from_callback(old.shape, sharding, lambda index: host[index])
+  is_none = lambda x: x is None
+  params = jax.tree.map(place, loaded, state.params, shardings.params, is_leaf=is_none)
+  ema = jax.tree.map(place, loaded, state.ema_params, shardings.ema_params, is_leaf=is_none)
+  return state.replace(params=params, ema_params=ema)
+
+
 # ---------------------------------------------------------------------------------------------
 # The train step
 
@@ -408,6 +458,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
       logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
     else:
       state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+      if config.get('init_from'):
+        state = start_from(state, init_from_export(config, abstract.params), shardings)
+        logging.info('Starting from the parameters of %s', config.init_from)
     train_step = compile_train_step(stage, config, mesh, tx, shardings)
     constants = stage_constants(stage, mesh)
     batch_keys = list(stage.batch_spec(config.batch_size))
@@ -442,11 +495,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
         writer.write_scalars(step, scalars)
         history = []
       last = step == config.num_train_steps
-      if last or (config.eval_every_steps and step % config.eval_every_steps == 0):
-        eval_metrics = stage.evaluate(state.ema_params, workdir)
-        writer.write_scalars(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-      if last or (config.sample_every_steps and step % config.sample_every_steps == 0):
-        write_samples(writer, workdir, step, stage.sample(state.ema_params, workdir, step))
+      if not last and config.eval_every_steps and step % config.eval_every_steps == 0:
+        eval_metrics = _evaluate(stage, state, workdir, writer, step)
+      if not last and config.sample_every_steps and step % config.sample_every_steps == 0:
+        _sample(stage, state, workdir, writer, step)
       stopping = step == stop_at_step or manager.reached_preemption(step)
       if last or stopping or (config.checkpoint.every_steps and
                               step % config.checkpoint.every_steps == 0):
@@ -456,12 +508,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
         manager.wait_until_finished()
         writer.flush()
         return {}
-    if start >= config.num_train_steps:
-      eval_metrics = stage.evaluate(state.ema_params, workdir)
+    # The final checkpoint and the export are written before the final evaluation, so that an
+    # evaluation that fails costs the run neither.
     manager.wait_until_finished()
     stage.export(state.ema_params, workdir)
+    step = int(jax.device_get(state.step))
+    eval_metrics = _evaluate(stage, state, workdir, writer, step)
+    _sample(stage, state, workdir, writer, step)
     writer.flush()
+  if 'error' in eval_metrics:
+    return eval_metrics   # no eval_metrics.json: a later run on this workdir evaluates again
   if jax.process_index() == 0 and eval_metrics:
     with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
       json.dump(eval_metrics, f, indent=2)
   return eval_metrics
+
+
+def _evaluate(stage, state, workdir, writer, step) -> dict:
+  """The stage's evaluation, written to the metrics; {'error': message} (logged with its
+  traceback) when it fails, so that a broken evaluation never stops a run."""
+  try:
+    metrics = stage.evaluate(state.ema_params, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception('Evaluation at step %d failed; training goes on', step)
+    return {'error': f'{type(e).__name__}: {e}'}
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  return metrics
+
+
+def _sample(stage, state, workdir, writer, step):
+  try:
+    write_samples(writer, workdir, step, stage.sample(state.ema_params, workdir, step))
+  except Exception:  # pylint: disable=broad-except
+    logging.exception('Sampling at step %d failed; training goes on', step)
