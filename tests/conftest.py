@@ -25,6 +25,7 @@ import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # for `configs`
 
 from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.data import fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.helpers import tiny_clip_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -33,12 +34,15 @@ def pytest_configure(config):
 
 
 # The session's end-to-end run: the README's main job (`python -m unclip_jax.train_all
-# --config=configs/unclip.py:tiny`), shortened, as a subprocess on one device. It starts when the
-# data directory is made and trains while the in-process tests run; the tests that read it go
-# last. Its stages are the learning checks: CLIP, the prior on the CLIP's precomputed 32px
-# embeddings, the decoder at 16px (the CLIP sees the images resized to its 32px; at this size
-# without the tiny preset's 2x2 patches), and a 16→32px upsampler trained only briefly (its
-# learning is not checked here).
+# --config=configs/unclip.py:tiny`), shortened, on the user's-data path: the built-in images
+# written as webdataset tars (32px PNG, caption, JSON attributes) are its data, so it reads
+# shards, tokenizes with CLIP's BPE, evaluates with the dataset-agnostic metrics (zero-shot by
+# the JSON's shape label) and reports the CLIP score. It runs as a subprocess on one device,
+# starting when the data directory is made and training while the in-process tests run; the
+# tests that read it go last. Its stages are the learning checks: CLIP, the prior on the CLIP's
+# precomputed 32px embeddings, the decoder at 16px (the shards' images resized; the CLIP sees
+# them resized back to its 32px; at this size without the tiny preset's 2x2 patches), and a
+# 16→32px upsampler trained only briefly (its learning is not checked here).
 JOB_RUN = (
     '--config.clip.num_train_steps=300', '--config.clip.optim.warmup_steps=50',
     '--config.prior.num_train_steps=300', '--config.prior.batch_size=64',
@@ -51,8 +55,19 @@ JOB_RUN = (
     '--config.upsampler.eval.num_examples=32',
     '--config.sample.num_prompts=12', '--config.sample.batch_size=12',
     '--config.sample.grid_columns=4',
-    *(f'--config.{stage}.{key}' for stage in ('clip', 'prior', 'decoder', 'upsampler')
-      for key in ('data.num_train=8000', 'checkpoint.every_steps=0')))
+    *(f'--config.{stage}.checkpoint.every_steps=0'
+      for stage in ('clip', 'prior', 'decoder', 'upsampler')))
+JOB_SHARDS = dict(resolution=32, num_train=8000, num_test=1000, per_shard=1000)
+
+
+def job_data_overrides(folder: str) -> tuple:
+  """The job's data: the shards `tests.data.fixtures` writes into `folder`."""
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  n = JOB_SHARDS
+  paths = fixtures.job_shard_paths(folder, n['num_train'], n['num_test'], n['per_shard'])
+  return ('--config.data.source=webdataset', f'--config.data.paths={paths["paths"]}',
+          f'--config.data.eval_paths={paths["eval_paths"]}', '--config.data.label_key=shape',
+          f'--config.data.class_names={",".join(captioned_shapes.SHAPES)}')
 
 _JOB_KEY = pytest.StashKey()
 _READERS = ('job_run', 'trained_tiny_clip', 'prior_run', 'decoder_run')
@@ -72,9 +87,15 @@ def data_dir(request, tmp_path_factory):
   path = str(tmp_path_factory.mktemp('datasets'))
   os.environ['UNCLIP_DATA_DIR'] = path
   if any(set(_READERS) & set(item.fixturenames) for item in request.session.items):
-    started = helpers.start_job(tmp_path_factory.mktemp('job') / 'unclip', path, *JOB_RUN)
+    root = tmp_path_factory.mktemp('job')
+    shards = str(root / 'shards')
+    n = JOB_SHARDS
+    write = [sys.executable, '-m', 'tests.data.fixtures', shards, path, str(n['resolution']),
+             str(n['num_train']), str(n['num_test']), str(n['per_shard'])]
+    overrides = JOB_RUN + job_data_overrides(shards)
+    started = helpers.start_job(root / 'unclip', path, *overrides, before=write)
     request.addfinalizer(started[0].kill)   # a no-op once it has finished
-    request.config.stash[_JOB_KEY] = started
+    request.config.stash[_JOB_KEY] = (started, overrides)
   return path
 
 
@@ -85,14 +106,15 @@ def make_tiny_clip_config(data_dir):
 
 @pytest.fixture(scope='session')
 def job_run(request, data_dir):
-  """The shortened main job (`JOB_RUN`), finished: (workdir, report)."""
+  """The shortened main job (`JOB_RUN` on the shards), finished: (workdir, report, its command
+  line overrides)."""
   del data_dir  # it started the job
-  started = request.config.stash[_JOB_KEY]
-  return started[1], helpers.finish(started)
+  started, overrides = request.config.stash[_JOB_KEY]
+  return started[1], helpers.finish(started), overrides
 
 
 def _stage_run(job_run, name):
-  workdir, report = job_run
+  workdir, report, _ = job_run
   return os.path.join(workdir, name), report['stages'][name]['eval']
 
 

@@ -111,9 +111,10 @@ def run_train_steps(stage, config, mesh_, batches):
   return state, losses
 
 
-def start_job(workdir, data_dir: str, *overrides: str):
+def start_job(workdir, data_dir: str, *overrides: str, before=None):
   """Starts `python -m unclip_jax.train_all --config=configs/unclip.py:tiny` (the whole system)
-  with `overrides` on one CPU device in the background: (process, workdir); `finish` waits."""
+  with `overrides` on one CPU device in the background, after the command `before` (argv; e.g.
+  one writing its data) if given: (process, workdir); `finish` waits."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -121,10 +122,12 @@ def start_job(workdir, data_dir: str, *overrides: str):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3')
   log = tempfile.TemporaryFile(mode='w+')
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'unclip_jax.train_all', '--config=configs/unclip.py:tiny',
-       f'--workdir={workdir}', *overrides],
-      cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  import shlex  # pylint: disable=g-import-not-at-top
+  job = [sys.executable, '-m', 'unclip_jax.train_all', '--config=configs/unclip.py:tiny',
+         f'--workdir={workdir}', *overrides]
+  command = shlex.join(job) if before is None else f'{shlex.join(before)} && exec {shlex.join(job)}'
+  process = subprocess.Popen(['bash', '-c', command], cwd=repo, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
   process.log = log
   return process, str(workdir)
 
@@ -154,7 +157,13 @@ def apply_flag_overrides(config, overrides):
     node = config
     for p in parents:
       node = node[p]
-    node[leaf] = text if isinstance(node[leaf], str) else ast.literal_eval(text)
+    if isinstance(node[leaf], str):
+      node[leaf] = text
+    else:
+      try:
+        node[leaf] = ast.literal_eval(text)
+      except (ValueError, SyntaxError):   # a text value of a field that is still None
+        node[leaf] = text
   return config
 
 

@@ -105,10 +105,10 @@ def data_defaults(resolution=32) -> ml_collections.ConfigDict:
   d.image_key = ml_collections.config_dict.placeholder(str)
   d.caption_key = ml_collections.config_dict.placeholder(str)
   d.key_key = ml_collections.config_dict.placeholder(str)
-  # Zero-shot evaluation: the field holding each sample's class, and the class names (a list,
-  # or a JSON file holding one).
+  # Zero-shot evaluation: the field holding each sample's class, and the class names (comma-
+  # separated, 'cat,dog,bird', or a JSON file holding a list or a {name: index} map).
   d.label_key = ml_collections.config_dict.placeholder(str)
-  d.class_names = None
+  d.class_names = ml_collections.config_dict.placeholder(str)
   d.resolution = resolution
   d.crop = 'center'               # 'center', or 'random' (e.g. upsampler training crops)
   d.min_size = 0                  # images whose shorter side is below this are skipped
@@ -137,12 +137,11 @@ def job_data() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   ph = ml_collections.config_dict.placeholder
   for name in ('source', 'paths', 'eval_paths', 'name', 'data_dir', 'train_split', 'eval_split',
-               'image_key', 'caption_key', 'key_key', 'label_key', 'crop'):
+               'image_key', 'caption_key', 'key_key', 'label_key', 'class_names', 'crop'):
     d[name] = ph(str)
   for name in ('min_size', 'shuffle_buffer', 'worker_count', 'read_threads', 'read_buffer',
                'num_train', 'num_test', 'seed'):
     d[name] = ph(int)
-  d.class_names = None       # a list, or a JSON file holding one
   return d
 
 

@@ -163,7 +163,8 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Held-out captions → images through the pipeline, scored: the CLIP score of each image
-  against its prompt under the job's CLIP, beside the held-out images' own (any data); on the
+  against its prompt under the job's CLIP, beside the held-out images' own and that of each
+  generated image against another image's prompt (any data); on the
   built-in data also the pixel checker's reading of them and of the dataset's own images at the
   same resolution. Writes workdir/sample/."""
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
@@ -191,10 +192,14 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images = np.concatenate(images)
   seconds = time.perf_counter() - start
   text_emb = pipe.clip.embed_texts(prompts)
-  scores = clip_stage.clip_score(pipe.clip.embed_images(images), text_emb)
+  image_emb = pipe.clip.embed_images(images)
+  scores = clip_stage.clip_score(image_emb, text_emb)
   real_scores = clip_stage.clip_score(pipe.clip.embed_images(real['image']), text_emb)
+  # Each image against another image's prompt: the level of images that ignore their prompt.
+  mismatched = clip_stage.clip_score(image_emb, np.roll(text_emb, 1, axis=0))
   report = {'num_prompts': len(prompts), 'resolution': int(images.shape[1]),
-            'clip_score': float(scores.mean()), 'clip_score_real': float(real_scores.mean())}
+            'clip_score': float(scores.mean()), 'clip_score_real': float(real_scores.mean()),
+            'clip_score_mismatched': float(mismatched.mean())}
   scalars = {'generated/clip_score': report['clip_score'],
              'real/clip_score': report['clip_score_real']}
   readings = None

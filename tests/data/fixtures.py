@@ -122,3 +122,28 @@ def write_shapes_shards(examples: list[dict], folder: str, prefix: str,
               [(ex['key'], {'png': ex['image'], 'txt': ex['caption'].encode(),
                             'json': json.dumps(ex['labels']).encode()}) for ex in chunk])
   return os.path.join(folder, f'{prefix}{{{0:05d}..{n - 1:05d}}}.tar')
+
+
+def write_job_shards(folder: str, data_dir: str, resolution: int, num_train: int,
+                     num_test: int, per_shard: int) -> dict:
+  """The built-in dataset at `resolution` as training and held-out tars for the suite's
+  end-to-end job: {'paths', 'eval_paths'} (brace patterns)."""
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  d = config_lib.data_defaults(resolution)
+  d.update(data_dir=data_dir, num_train=num_train, num_test=num_test)
+  return {'paths': write_shapes_shards(shapes_examples(d, 'train'), folder, 'train-', per_shard),
+          'eval_paths': write_shapes_shards(shapes_examples(d, 'test'), folder, 'eval-',
+                                            per_shard)}
+
+
+def job_shard_paths(folder: str, num_train: int, num_test: int, per_shard: int) -> dict:
+  """The patterns `write_job_shards` writes, known before it runs."""
+  n = lambda count: (count + per_shard - 1) // per_shard
+  return {'paths': os.path.join(folder, f'train-{{00000..{n(num_train) - 1:05d}}}.tar'),
+          'eval_paths': os.path.join(folder, f'eval-{{00000..{n(num_test) - 1:05d}}}.tar')}
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  folder, data_dir, *numbers = sys.argv[1:]
+  print(write_job_shards(folder, data_dir, *map(int, numbers)))

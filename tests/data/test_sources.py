@@ -105,7 +105,7 @@ def mixed(tmp_path_factory):
 
 def test_webdataset_decodes_every_format_and_mode_and_counts_what_it_skips(mixed):
   d = data_config(source='webdataset', paths=mixed['pattern'], label_key='label',
-                  class_names=['cat', 'dog'])
+                  class_names='cat,dog')
   ip.reset_skip_counts()
   examples = {ex['key']: ex for ex in ip.iterate_examples(d, 'train')[0]}
   assert set(examples) == mixed['good']
@@ -226,7 +226,7 @@ def test_folder_with_manifests_or_captions_beside_the_images(tmp_path):
   pq.write_table(pa.Table.from_pylist(rows), str(root / 'manifest.parquet'))
 
   fields = dict(source='folder', image_key='file', caption_key='text', label_key='kind',
-                class_names=['even', 'odd'])
+                class_names='even, odd')
   read = {}
   for manifest in ('manifest.jsonl', 'manifest.csv', 'manifest.parquet'):
     ip.reset_skip_counts()
@@ -264,9 +264,10 @@ def test_parquet_plain_and_hugging_face_image_columns(shapes_shards, tmp_path):
   pq.write_table(hf.slice(0, 48), str(tmp_path / 'hf-00000.parquet'), row_group_size=16)
   pq.write_table(hf.slice(48), str(tmp_path / 'hf-00001.parquet'), row_group_size=16)
 
+  (tmp_path / 'shapes.json').write_text(json.dumps({'circle': 0, 'square': 1, 'triangle': 2,
+                                                    'cross': 3, 'star': 4}))
   d = data_config(source='parquet', paths=str(tmp_path / 'img2dataset.parquet'),
-                  label_key='shape', class_names=['circle', 'square', 'triangle', 'cross',
-                                                  'star'])
+                  label_key='shape', class_names=str(tmp_path / 'shapes.json'))
   read = list(ip.iterate_examples(d, 'train')[0])
   assert [ex['key'] for ex in read] == [ex['key'] for ex in examples]
   assert [ex['caption'] for ex in read] == [ex['caption'] for ex in examples]
@@ -327,7 +328,7 @@ def test_tfds_dataset_by_name_with_nested_caption_features(tmp_path):
   builder = _tiny_tfds_builder(str(tmp_path))
   d = data_config(source='tfds', name=builder.name, data_dir=str(tmp_path),
                   eval_split='validation', caption_key='captions/text', key_key='image_id',
-                  label_key='label', class_names=['0', '1'])
+                  label_key='label', class_names='0,1')
   train = list(ip.iterate_examples(d, 'train')[0])
   assert [ex['key'] for ex in train] == [str(i) for i in range(20)]
   assert [ex['caption'] for ex in train] == [f'picture {i}' for i in range(20)]

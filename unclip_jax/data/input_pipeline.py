@@ -87,22 +87,24 @@ def _record_skips(counts) -> None:
 
 
 def class_names(data_config) -> list[str] | None:
-  """`config.data.class_names`: a list, or the path of a JSON file holding one (or a map
-  {name: index}); None when unset."""
+  """`config.data.class_names`: comma-separated names, the path of a JSON file holding a list
+  (or a {name: index} map), or a list; None when unset."""
   names = data_config.get('class_names')
   if names is None or names == '':
     return None
-  if isinstance(names, str):
+  if isinstance(names, str) and names.endswith('.json'):
     try:
       with paths_lib.open_file(names, 'rb') as f:
         value = json.loads(f.read())
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'config.data.class_names: {names!r} is neither a list nor a readable '
-                       f'JSON file: {e}') from e
+      raise ValueError(f'config.data.class_names: {names!r} is not a readable JSON file: '
+                       f'{e}') from e
     if isinstance(value, dict):
       value = [k for k, _ in sorted(value.items(), key=lambda kv: kv[1])]
     names = value
-  names = [str(n) for n in names]
+  elif isinstance(names, str):
+    names = [n.strip() for n in names.split(',')]
+  names = [str(n) for n in names if str(n)]
   if not names:
     raise ValueError('config.data.class_names is empty')
   return names
@@ -143,6 +145,13 @@ class ProcessExample(grain.transforms.Map):
   def _rng(self, key: str, epoch: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, sources.key_id(key), int(epoch)])
 
+  def _label(self, value) -> int:
+    """A class name → its index in the class names; an int (a tfds ClassLabel, the built-in
+    data's attributes) is the index itself; -1 for anything else."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+      return int(value) if 0 <= value < len(self.class_index) else -1
+    return self.class_index.get(str(value), -1) if value is not None else -1
+
   def map(self, raw: dict) -> dict:
     if 'skip' in raw:
       return raw
@@ -172,9 +181,7 @@ class ProcessExample(grain.transforms.Map):
       for k in LABEL_KEYS:
         example[k] = np.int32(labels[k])
     if self.label_key:
-      value = sources.field(labels, self.label_key)
-      example['label'] = np.int32(self.class_index.get(str(value), -1)
-                                  if value is not None else -1)
+      example['label'] = np.int32(self._label(sources.field(labels, self.label_key)))
     return example
 
 
