@@ -10,7 +10,10 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=find_packages(include=['unclip_jax', 'unclip_jax.*']),
+    # The config files (configs/) are installed with the package as unclip_jax.presets, so that
+    # the commands and converters work after a plain `pip install .`, from any directory.
+    packages=find_packages(include=['unclip_jax', 'unclip_jax.*']) + ['unclip_jax.presets'],
+    package_dir={'unclip_jax.presets': 'configs'},
     install_requires=[
         'jax>=0.10',
         'flax>=0.12',

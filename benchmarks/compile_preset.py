@@ -49,8 +49,7 @@ def compile_preset(config, clip_depth: int = 1) -> dict:
   config_lib.validate(config, jax.device_count(), jax.process_count())
   kwargs = {}
   if 'clip' in config and config.stage != 'clip':
-    from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
-    clip_config = clip_configs.get_config(config.clip.preset)
+    clip_config = config_lib.preset('clip', config.clip.preset)
     clip_config.model.text.depth = clip_config.model.vision.depth = clip_depth
     kwargs['clip'] = clip_stage.abstract_clip(clip_config)
   stage = stages.get_stage(config, **kwargs)

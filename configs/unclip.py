@@ -29,10 +29,12 @@ shapes, and the upsampler (1500 steps, trained alongside the decoder) keeps them
 import ml_collections
 
 from unclip_jax import config_lib
-from configs import clip as clip_configs
-from configs import decoder as decoder_configs
-from configs import prior as prior_configs
-from configs import upsampler as upsampler_configs
+
+# The stage configs beside this file (also where the package installs them).
+clip_configs = config_lib.sibling_config(__file__, 'clip')
+decoder_configs = config_lib.sibling_config(__file__, 'decoder')
+prior_configs = config_lib.sibling_config(__file__, 'prior')
+upsampler_configs = config_lib.sibling_config(__file__, 'upsampler')
 
 STAGES = ('clip', 'prior', 'decoder', 'upsampler')
 

@@ -4,6 +4,11 @@
 `validate(config)` runs before anything is compiled and raises `ConfigError` naming the field.
 """
 
+import importlib
+import importlib.util
+import os
+import sys
+
 import ml_collections
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -33,6 +38,49 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 
 class ConfigError(ValueError):
   """An invalid config; the message names the field."""
+
+
+# The config files (`configs/<stage>.py` in the source tree) are installed with the package as
+# `unclip_jax.presets` (setup.py maps the folder), so library code and config files find them
+# without the source tree on the import path.
+PRESETS_PACKAGE = 'unclip_jax.presets'
+
+
+def load_config_file(path: str):
+  """The module of a config file, loaded by path (its siblings can be loaded the same way)."""
+  name = 'unclip_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} does not exist')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules.setdefault(name, module)
+  spec.loader.exec_module(module)
+  return module
+
+
+def sibling_config(this_file: str, stage: str):
+  """`<stage>.py` beside the config file `this_file` (for configs built from others)."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(this_file)),
+                                       f'{stage}.py'))
+
+
+def preset_module(stage: str):
+  """The config module of `stage` ('clip', 'prior', ...): the installed `unclip_jax.presets`,
+  else the source tree's configs/ folder."""
+  try:
+    return importlib.import_module(f'{PRESETS_PACKAGE}.{stage}')
+  except ImportError:
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.dirname(here), 'configs', f'{stage}.py')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'no config file for stage {stage!r}: neither {PRESETS_PACKAGE} '
+                              f'nor {path} exists') from None
+    return load_config_file(path)
+
+
+def preset(stage: str, arg: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `stage`'s config file, e.g. preset('clip', 'vit_l14')."""
+  return preset_module(stage).get_config(arg)
 
 
 def trainer_defaults() -> ml_collections.ConfigDict:

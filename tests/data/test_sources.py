@@ -159,7 +159,7 @@ def test_webdataset_shuffles_splits_across_processes_and_resumes_exactly(shapes_
     iterator(data_config(source='webdataset', paths=shapes_shards['test']), process_count=2)
 
 
-def test_webdataset_grain_workers_decode_count_skips_and_resume(mixed, shapes_shards):
+def test_webdataset_grain_workers_decode_count_skips_and_resume(mixed):
   d = data_config(source='webdataset', paths=mixed['pattern'], worker_count=2)
   ip.reset_skip_counts()
   it = iterator(d, batch_size=3)
@@ -167,8 +167,13 @@ def test_webdataset_grain_workers_decode_count_skips_and_resume(mixed, shapes_sh
   assert set(seen) == mixed['good']
   counts = ip.skip_counts()        # counted in the workers, reported here
   assert all(counts[reason] >= n for reason, n in mixed['skips'].items())
-  assert_resumes_exactly(data_config(source='webdataset', paths=shapes_shards['train'],
-                                     worker_count=2), steps_before=3, steps_after=3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 3)
+  restored = iterator(d, batch_size=3)
+  restored.set_state(state)
+  for a, b in zip(expected, take(restored, 3)):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_webdataset_reads_remote_filesystems(shapes_shards):

@@ -35,10 +35,10 @@ def load_clip(config: ml_collections.ConfigDict) -> clip_stage.FrozenClip:
   """The frozen CLIP named by `config.clip` (a trained run, or an untrained preset)."""
   if config.clip.workdir:
     return clip_stage.load_frozen(config.clip.workdir)
-  from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   logging.warning('config.clip.workdir is not set: using an UNTRAINED CLIP (%s); fine for '
                   'compiling and benchmarking, meaningless for training', config.clip.preset)
-  clip_config = clip_configs.get_config(config.clip.preset)
+  clip_config = config_lib.preset('clip', config.clip.preset)
   clip_config.dtype = config.dtype
   return clip_stage.random_clip(clip_config)
 
