@@ -52,7 +52,8 @@ JOB_RUN = (
     '--config.decoder.data.resolution=16', '--config.decoder.model.unet.patch_size=1',
     '--config.decoder.eval.num_examples=32',
     '--config.upsampler.num_train_steps=20', '--config.upsampler.data.resolution=32',
-    '--config.upsampler.eval.num_examples=32',
+    '--config.upsampler.eval.num_examples=8', '--config.upsampler.eval.batch_size=8',
+    '--config.upsampler.sampling.num_images=4',
     '--config.sample.num_prompts=12', '--config.sample.batch_size=12',
     '--config.sample.grid_columns=4',
     *(f'--config.{stage}.checkpoint.every_steps=0'
