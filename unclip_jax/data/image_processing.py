@@ -92,8 +92,10 @@ def resize_and_crop(img: Image.Image, resolution: int, crop: str = 'center',
 
 
 def process(data, resolution: int, *, crop: str = 'center', min_size: int = 0,
-            rng: np.random.Generator | None = None) -> np.ndarray:
-  """Encoded bytes or a uint8 array → float32 [resolution, resolution, 3] in [-1, 1].
+            rng: np.random.Generator | None = None, as_uint8: bool = False) -> np.ndarray:
+  """Encoded bytes or a uint8 array → float32 [resolution, resolution, 3] in [-1, 1] (uint8
+  pixels with `as_uint8`: a quarter of the bytes to move between processes; `to_model_range`
+  converts them).
 
   Raises:
     ImageError with reason 'missing_image', 'undecodable_image' or 'too_small' (shorter side
@@ -105,14 +107,19 @@ def process(data, resolution: int, *, crop: str = 'center', min_size: int = 0,
     raise ImageError('too_small', f'{w}x{h} is below config.data.min_size={min_size}')
   try:
     img = resize_and_crop(to_rgb(img), resolution, crop, rng)
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.uint8)
   except ImageError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise ImageError('undecodable_image', f'cannot convert image: {e}') from e
   if arr.shape != (resolution, resolution, 3):
     raise ImageError('undecodable_image', f'unexpected decoded shape {arr.shape}')
-  return arr / 127.5 - 1.0
+  return arr if as_uint8 else to_model_range(arr)
+
+
+def to_model_range(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels → float32 in [-1, 1] (x / 127.5 - 1)."""
+  return np.asarray(pixels, np.float32) / 127.5 - 1.0
 
 
 def encode(image: np.ndarray, fmt: str = 'png', quality: int = 95) -> bytes:

@@ -173,7 +173,8 @@ class ProcessExample(grain.transforms.Map):
     else:
       try:
         example['image'] = image_processing.process(
-            raw.get('image'), self.resolution, crop=self.crop, min_size=self.min_size, rng=rng)
+            raw.get('image'), self.resolution, crop=self.crop, min_size=self.min_size, rng=rng,
+            as_uint8=True)
       except image_processing.ImageError as e:
         return dict(sources.skip(e.reason, key, raw.get('where') or self.where, e), epoch=epoch)
     labels = raw.get('labels') or {}
@@ -359,12 +360,16 @@ class _CountSkipsIterator(grain.DatasetIterator):
 
 
 class _RecordSkips(grain.transforms.Map):
-  """In the consuming process: moves a batch's `skipped` counts into `skip_counts()`."""
+  """In the consuming process: moves a batch's `skipped` counts into `skip_counts()`, and makes
+  its uint8 pixels (decoded so, to move a quarter of the bytes between processes) float32 in
+  [-1, 1]."""
 
   def map(self, batch: dict) -> dict:
     counts = batch.pop('skipped', None)
     if counts is not None:
       _record_skips(np.asarray(counts).reshape(-1, len(SKIP_REASONS)).sum(0))
+    if 'image' in batch and batch['image'].dtype == np.uint8:
+      batch['image'] = image_processing.to_model_range(batch['image'])
     return batch
 
 
