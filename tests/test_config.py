@@ -99,3 +99,19 @@ def test_presets_have_the_published_parameter_counts(preset, published):
       jax.random.PRNGKey(0), {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert count == published
+
+
+def test_an_exports_config_is_a_config_file(untrained_run):
+  """`configs/export.py:PATH` gives an export's own config (what `config.init_from` needs), and
+  the installed presets stand in for `configs/...` paths outside the source tree."""
+  from unclip_jax import cli  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
+  module = config_lib.preset_module('export')
+  config = module.get_config(os.path.join(untrained_run, 'decoder'))
+  saved, _ = export.load_export(os.path.join(untrained_run, 'decoder'))
+  assert config.to_dict() == saved.to_dict() and config.stage == 'decoder'
+  with pytest.raises(FileNotFoundError, match='is not an export'):
+    module.get_config(untrained_run)
+  elsewhere = cli.resolve_config_paths(['--config=nowhere/configs/clip.py:tiny', '--x=1'])
+  assert elsewhere[0].endswith(os.path.join('configs', 'clip.py') + ':tiny')
+  assert os.path.exists(elsewhere[0][len('--config='):-len(':tiny')]) and elsewhere[1] == '--x=1'
