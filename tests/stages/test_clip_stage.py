@@ -1,5 +1,7 @@
 """The CLIP stage: loss over the global batch, metrics, zero-shot prompts, training end to end."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -149,3 +151,17 @@ def test_clip_learns_the_same_from_webdataset_shards_as_from_the_built_in_source
              - results['webdataset']['zero_shot_accuracy']) <= 0.1
   assert abs(results['shapes']['image_to_text_recall@5']
              - results['webdataset']['image_to_text_recall@5']) <= 0.15
+
+
+def test_bpe_clip_exports_carry_their_vocabulary(make_tiny_clip_config, tmp_path, monkeypatch):
+  """A CLIP trained with the BPE vocabulary an installed open_clip ships keeps a copy in its
+  export, so it loads and tokenizes where that file is absent."""
+  config = make_tiny_clip_config(**{'data.source': 'webdataset'})
+  frozen = clip.random_clip(config)
+  want = frozen.tokenizer(['a photo of a small red star'])
+  clip.save_frozen(str(tmp_path / 'export'), frozen.params, frozen.config)
+  assert os.path.exists(tmp_path / 'export' / 'tokenizer' / 'bpe_simple_vocab_16e6.txt.gz')
+  from unclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tokenizers, 'default_bpe_path', lambda: None)
+  loaded = clip.load_frozen(str(tmp_path / 'export'))
+  np.testing.assert_array_equal(loaded.tokenizer(['a photo of a small red star']), want)

@@ -269,6 +269,16 @@ def _openai_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
+def tokenizer_files(path: str | Path) -> list[str]:
+    """The file(s) the tokenizer at ``path`` is read from: the tokenizer file first, then a
+    ``vocab.json`` that a ``merges.txt`` reads beside it."""
+    file = _find_tokenizer_file(Path(path))
+    files = [str(file)]
+    if file.name == "merges.txt" and file.with_name("vocab.json").is_file():
+        files.append(str(file.with_name("vocab.json")))
+    return files
+
+
 def _find_tokenizer_file(path: Path) -> Path:
     """Resolve ``path`` (a file, or a directory holding one) to a tokenizer file."""
     if not path.exists():

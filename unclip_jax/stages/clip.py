@@ -345,7 +345,27 @@ def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def save_frozen(path: str, params, config: ml_collections.ConfigDict):
-  """Writes a CLIP's `params` and config under `path`; `load_frozen` reads it back."""
+  """Writes a CLIP's `params` and config under `path`; `load_frozen` reads it back.
+
+  A CLIP that reads captions with the BPE tokenizer gets its vocabulary file copied into
+  `path/tokenizer/` (the config names it relatively), so the export works where the file it
+  was trained with (e.g. an installed open_clip's) is absent."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  t = config.get('tokenizer')
+  text_tower = config.get('model', {}).get('text') is not None
+  if t is not None and text_tower and tokenizer_kind(config) == 'clip_bpe':
+    inside = t.path and not os.path.isabs(t.path) and os.path.exists(os.path.join(path, t.path))
+    # The vocabulary the run found itself (kind 'auto': an installed open_clip's) or was given.
+    source = t.path or (tokenizers.default_bpe_path() if t.kind == 'auto' else None)
+    if source and not inside:
+      import shutil  # pylint: disable=g-import-not-at-top
+      files = tokenizers.tokenizer_files(source)
+      folder = os.path.join(os.path.abspath(path), 'tokenizer')
+      if jax.process_index() == 0:
+        os.makedirs(folder, exist_ok=True)
+        for f in files:
+          shutil.copyfile(f, os.path.join(folder, os.path.basename(f)))
+      t.path = os.path.join('tokenizer', os.path.basename(files[0]))
   export.save_export(path, params, config)
 
 
