@@ -171,3 +171,19 @@ def test_prior_trains_from_an_embedding_reader_folder_without_images(data_dir, t
   with pytest.raises(ValueError, match='holds 32-d embeddings; the CLIP .* embeds in 16'):
     prior_stage.Stage(wrong, clip=wrong_clip).make_iterator('train', 4, seed=0, shuffle=True,
                                                             process_index=0, process_count=1)
+
+
+def test_embeddings_of_another_number_of_samples_are_refused_before_any_batch(data_dir,
+                                                                              written):
+  out, _ = written
+  config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': out})
+  source = input_pipeline.get_source(config.data, 'train')
+
+  class Fewer(type(source)):
+    def __len__(self):
+      return 200
+  fewer = Fewer.__new__(Fewer)
+  fewer.__dict__.update(source.__dict__)
+  with pytest.raises(ValueError, match='holds 256 train embeddings .* but the data has 200'):
+    input_pipeline.make_iterator(config.data, split='train', batch_size=4, tokenizer=None,
+                                 seed=0, process_index=0, process_count=1, data_source=fewer)

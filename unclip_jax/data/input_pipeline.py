@@ -476,7 +476,7 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
   ds = ds.batch(batch_size, drop_remainder=True)
   if tokenizer is not None:
     ds = ds.map(Tokenize(tokenizer))
-  for op in _embedding_ops(data_config, split):
+  for op in _embedding_ops(data_config, split, source):
     ds = ds.map(op)
   worker_count = data_config.get('worker_count', 0) or 0
   if worker_count > 0:
@@ -540,16 +540,24 @@ def load_split(data_config: ml_collections.ConfigDict, split: str,
   batch = {k: np.stack([ex[k] for ex in out]) for k in out[0]}
   if tokenizer is not None:
     batch = Tokenize(tokenizer).map(batch)
-  for op in _embedding_ops(data_config, split):
+  for op in _embedding_ops(data_config, split, source):
     batch = op.map(batch)
   return batch
 
 
-def _embedding_ops(data_config: ml_collections.ConfigDict, split: str) -> list:
-  """[AttachEmbeddings] when `data_config.embeddings_dir` is set, else []."""
+def _embedding_ops(data_config: ml_collections.ConfigDict, split: str, source=None) -> list:
+  """[AttachEmbeddings] when `data_config.embeddings_dir` is set, else []. Embeddings of another
+  number of samples than a random-access source holds are refused here, before any batch."""
   if not data_config.get('embeddings_dir'):
     return []
-  embeddings.check(data_config.embeddings_dir, data_config)
+  info = embeddings.check(data_config.embeddings_dir, data_config, splits=(split,))
+  if source is not None and not sources.is_streaming(source) and hasattr(source, '__len__'):
+    written = info['splits'][split]
+    total = written['count'] + sum(written.get('skipped', {}).values())
+    if total != len(source):
+      raise ValueError(f'config.data.embeddings_dir: {data_config.embeddings_dir!r} holds '
+                       f'{written["count"]} {split} embeddings (and {total - written["count"]} '
+                       f'skipped samples) for {total} samples, but the data has {len(source)}; '
+                       'recompute them for this data')
   return [embeddings.AttachEmbeddings(
       embeddings.EmbeddingTable(data_config.embeddings_dir, split))]
-
