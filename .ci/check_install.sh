@@ -26,6 +26,8 @@ assert not any(p.rstrip('/') == root for p in sys.path), sys.path
 from unclip_jax import config_lib
 job = config_lib.preset('unclip', 'tiny')
 assert job.clip.stage == 'clip' and job.upsampler.stage == 'upsampler'
+from unclip_jax.convert import base_config      # what the converters start from
+assert base_config('decoder', 'karlo').model.unet.model_channels == 320
 print('installed at', unclip_jax.__file__)
 PYEOF
 "$TMP/venv/bin/unclip-train" --config=configs/clip.py:tiny --workdir=run_clip \
