@@ -44,8 +44,8 @@ def pytest_configure(config):
 # them resized back to its 32px; at this size without the tiny preset's 2x2 patches), and a
 # 16→32px upsampler trained only briefly (its learning is not checked here).
 JOB_RUN = (
-    '--config.clip.num_train_steps=300', '--config.clip.optim.warmup_steps=50',
-    '--config.prior.num_train_steps=300', '--config.prior.batch_size=64',
+    '--config.clip.num_train_steps=250', '--config.clip.optim.warmup_steps=50',
+    '--config.prior.num_train_steps=250', '--config.prior.batch_size=64',
     '--config.prior.eval.num_examples=128', '--config.prior.eval.batch_size=128',
     '--config.decoder.num_train_steps=200', '--config.decoder.batch_size=32',
     '--config.decoder.optim.warmup_steps=100',

@@ -105,7 +105,7 @@ def test_tiny_clip_learns_zero_shot_shapes_and_retrieval(trained_tiny_clip):
   workdir, metrics = trained_tiny_clip
   print(metrics)
   # The shape in the shards' JSON, by CLIP-style prompts ('a photo of a circle.'); chance 1/5.
-  # Measured: 0.63 (top-5 1.0); retrieval among 1000 held-out pairs: recall@5 0.90.
+  # Measured: 0.55 (top-5 1.0); retrieval among 1000 held-out pairs: recall@5 0.83.
   assert metrics['zero_shot_accuracy'] > 0.45
   assert metrics['image_to_text_recall@5'] > 0.6 and metrics['text_to_image_recall@5'] > 0.6
   frozen = clip.load_frozen(workdir)
