@@ -302,12 +302,12 @@ def test_fine_tuning_the_converted_decoder_on_shards(karlo, data_dir, tmp_path):
       fixtures.shapes_examples(shapes, 'train', 32), str(tmp_path), 'train-', 16)
   config, converted = export.load_export(os.path.join(dst, 'decoder'))
   config.update({'init_from': os.path.join(dst, 'decoder'), 'batch_size': 8, 'seed': 0,
-                 'num_train_steps': 24})
+                 'num_train_steps': 16})
   config.data.update(source='webdataset', paths=train_pattern, shuffle_buffer=8,
                      embeddings_dir=None)
   config.optim.update(lr=2e-3, warmup_steps=3)
   stage = decoder_stage.Stage(config, clip=clip)
-  batches = helpers.take_batches(stage, config, 24)
+  batches = helpers.take_batches(stage, config, 16)
 
   mesh = helpers.mesh((1, 1, 1), 1)
   tx = train.make_optimizer(config)
@@ -331,5 +331,5 @@ def test_fine_tuning_the_converted_decoder_on_shards(karlo, data_dir, tmp_path):
       state, metrics = step(state, train.make_global_batch(batch, mesh), constants)
       losses.append(float(metrics['loss']))
   # The first steps' loss (karlo's random-shaped weights on these images) against the last's,
-  # 4 batches each, 24 steps. Measured: 1.31 → 0.53.
+  # 4 batches each, 16 steps. Measured: 1.31 → 0.75.
   assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses

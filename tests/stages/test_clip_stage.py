@@ -121,7 +121,7 @@ def test_clip_learns_the_same_from_webdataset_shards_as_from_the_built_in_source
   test CLIP as well as the built-in source does: same images, steps, tokenizer (CLIP's BPE) and
   evaluation (zero-shot background from the JSON label / the record's attribute, and retrieval);
   only the order differs (a shuffle buffer over shards against a global shuffle). Measured at
-  60 steps: zero-shot 0.98 and 0.97, image→text recall@5 0.77 and 0.73."""
+  40 steps: zero-shot 0.95 and 0.97, image→text recall@5 0.69 and 0.66."""
   from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
   from tests.data import fixtures  # pylint: disable=g-import-not-at-top
   base = helpers.tiny_clip_config(data_dir).data
@@ -131,7 +131,7 @@ def test_clip_learns_the_same_from_webdataset_shards_as_from_the_built_in_source
   results = {}
   for source in ('shapes', 'webdataset'):
     overrides = {
-        'num_train_steps': 60, 'batch_size': 32, 'optim.warmup_steps': 10,
+        'num_train_steps': 40, 'batch_size': 32, 'optim.warmup_steps': 8,
         'tokenizer.kind': 'clip_bpe', 'model.text.vocab_size': 49408,
         'model.text.eot_id': 49407, 'data.label_key': 'background',
         'data.class_names': ','.join(captioned_shapes.COLORS),
@@ -146,7 +146,7 @@ def test_clip_learns_the_same_from_webdataset_shards_as_from_the_built_in_source
     results[source] = stage.evaluate(jax.device_get(state.ema_params))
   for source, metrics in results.items():
     assert metrics['zero_shot_accuracy'] > 0.8, (source, metrics)     # chance 1/8
-    assert metrics['image_to_text_recall@5'] > 0.6, (source, metrics)  # chance 5/64
+    assert metrics['image_to_text_recall@5'] > 0.45, (source, metrics)  # chance 5/64
   assert abs(results['shapes']['zero_shot_accuracy']
              - results['webdataset']['zero_shot_accuracy']) <= 0.1
   assert abs(results['shapes']['image_to_text_recall@5']
