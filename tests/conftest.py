@@ -58,7 +58,7 @@ JOB_RUN = (
     '--config.sample.grid_columns=4',
     *(f'--config.{stage}.checkpoint.every_steps=0'
       for stage in ('clip', 'prior', 'decoder', 'upsampler')))
-JOB_SHARDS = dict(resolution=32, num_train=6000, num_test=1000, per_shard=1000)
+JOB_SHARDS = dict(resolution=32, num_train=8000, num_test=1000, per_shard=1000)
 
 
 def job_data_overrides(folder: str) -> tuple:
