@@ -47,7 +47,7 @@ JOB_RUN = (
     '--config.clip.num_train_steps=250', '--config.clip.optim.warmup_steps=50',
     '--config.prior.num_train_steps=250', '--config.prior.batch_size=64',
     '--config.prior.eval.num_examples=128', '--config.prior.eval.batch_size=128',
-    '--config.decoder.num_train_steps=200', '--config.decoder.batch_size=32',
+    '--config.decoder.num_train_steps=200', '--config.decoder.batch_size=16',
     '--config.decoder.optim.warmup_steps=100',
     '--config.decoder.data.resolution=16', '--config.decoder.model.unet.patch_size=1',
     '--config.decoder.eval.num_examples=32',

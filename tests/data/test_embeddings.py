@@ -151,15 +151,15 @@ def test_prior_trains_from_an_embedding_reader_folder_without_images(data_dir, t
   config = helpers.tiny_prior_config(data_dir, **{
       'data.source': 'clip_embeddings', 'data.paths': folders['train'],
       'data.eval_paths': folders['test'], 'data.resolution': 64, 'optim.lr': 3e-3,
-      'optim.warmup_steps': 5})
+      'optim.warmup_steps': 4})
   prior = prior_stage.Stage(config, clip=clip)
   assert set(prior.batch_spec(2)) == {'tokens', 'clip_image_emb'}
-  batches = helpers.take_batches(prior, config, 25)
+  batches = helpers.take_batches(prior, config, 15)
   for row in batches[0]['clip_image_emb']:      # the folder's rows, made unit-norm
     assert np.abs(unit['train'] - row).max(axis=1).min() < 1e-6
   state, losses = helpers.run_train_steps(prior, config, helpers.mesh((1, 1, 1), 1), batches)
-  # Measured: 0.75 over the first 5 steps, 0.15 over the last 5.
-  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+  # Measured: 0.81 over the first 4 steps, 0.15 over the last 4.
+  assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
   mean, std = prior.embedding_stats()
   assert mean.shape == (clip.config.model.embed_dim,) and (std > 0).all()
   metrics = prior.evaluate(jax.device_get(state.params))

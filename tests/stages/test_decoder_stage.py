@@ -113,7 +113,7 @@ def test_tiny_decoder_reconstructs_what_it_is_given(decoder_run):
   different held-out images' embeddings); a decoding finds its own source among 32."""
   workdir, metrics = decoder_run
   print(metrics)
-  # Measured: cosine 0.80 (other images' 0.00), own source found first for 0.78 (chance 1/32).
+  # Measured: cosine 0.71 (other images' 0.00), own source found first for 0.66 (chance 1/32).
   assert metrics['reconstruction_cosine'] > metrics['reconstruction_cosine_other_images'] + 0.4
   assert metrics['reconstruction_retrieval@1'] > 0.3
   stage, params = decoder_stage.load_decoder(workdir)
