@@ -114,6 +114,9 @@ def trainer_defaults() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_steps = 0         # 0: only at the end
+  # Stop with an error (and never export) once this many updates in a row were skipped for a
+  # non-finite loss or gradient; 0: never stop. Checked at each log step.
+  c.max_nonfinite_steps = 10
   c.sample_every_steps = 0       # 0: only at the end (stages that sample)
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

@@ -38,7 +38,11 @@ def main(argv):
     config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())
   except config_lib.ConfigError as e:
     sys.exit(f'Invalid config: {e}')
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.DivergedError, workdir_lib.WorkdirLockedError) as e:
+    sys.exit(f'Error: {e}')
 
 
 def run():

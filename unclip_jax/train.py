@@ -6,7 +6,6 @@ periodic logging, evaluation, sampling and checkpoints. The stage supplies its m
 evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stage it trains.
 """
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
+from unclip_jax import preemption
 from unclip_jax import stages
+from unclip_jax import workdir as workdir_lib
 from unclip_jax.images import image_grid
 
 PyTree = Any
@@ -214,7 +215,7 @@ def make_train_step(stage, config, tx) -> Callable:
   def train_step(state: TrainState, batch, constants):
     def grads_of(params, batch, rng):
       return jax.value_and_grad(stage.loss, has_aux=True)(params, batch, rng, constants)
-    return _apply_step(state, batch, grads_of)
+    return _apply_step(state, batch, grads_of, constants)
 
   def accumulated(params, batch, rng, grads_of):
     micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
@@ -229,10 +230,14 @@ def make_train_step(stage, config, tx) -> Callable:
     total, _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
     return jax.tree.map(lambda x: x / accum, total)
 
-  def _apply_step(state: TrainState, batch, grads_of):
+  def _apply_step(state: TrainState, batch, grads_of, constants):
     rng, step_rng = jax.random.split(state.rng)
     if accum == 1:
       (loss, metrics), grads = grads_of(state.params, batch, step_rng)
+    elif hasattr(stage, 'accumulated_loss_and_grads'):
+      # A loss over the whole batch that microbatches cannot average (CLIP's contrastive one).
+      (loss, metrics), grads = stage.accumulated_loss_and_grads(state.params, batch, step_rng,
+                                                                 constants, accum)
     else:
       loss, metrics, grads = accumulated(state.params, batch, step_rng, grads_of)
     grad_norm = optax.tree.norm(grads)
@@ -241,6 +246,8 @@ def make_train_step(stage, config, tx) -> Callable:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if hasattr(stage, 'constrain_params'):   # e.g. CLIP's logit scale clamped after each update
+      params = stage.constrain_params(params)
     decay = _ema_decay(config, state.step)
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -413,8 +420,36 @@ def _data_skip_counts() -> dict[str, int]:
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  history = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  """The mean of each metric over the logged steps; counts (`nonfinite_steps`, the run's total
+  of skipped updates) are the latest value, not a mean."""
+  return {k: float(history[-1][k] if k == 'nonfinite_steps' else np.mean([h[k] for h in history]))
+          for k in history[0]}
+
+
+class DivergedError(RuntimeError):
+  """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class _Divergence:
+  """Counts updates skipped in a row (from the state's running total, read at each log step,
+  so that it costs no extra host sync) and raises DivergedError past `config.max_nonfinite_steps`.
+  """
+
+  def __init__(self, config, total: int):
+    self.limit = config.get('max_nonfinite_steps', 10)
+    self.total, self.in_a_row = total, 0
+
+  def update(self, history: list[dict], step: int):
+    for h in history:
+      total = int(h['nonfinite_steps'])
+      self.in_a_row = self.in_a_row + 1 if total > self.total else 0
+      self.total = total
+      if self.limit and self.in_a_row >= self.limit:
+        raise DivergedError(
+            f'training diverged: {self.in_a_row} updates in a row up to step {step} had a '
+            f'non-finite loss or gradient ({self.total} in all; config.max_nonfinite_steps='
+            f'{self.limit}). Nothing was exported; the last checkpoint is kept. Lower '
+            f'config.optim.lr, or raise optim.grad_clip / the limit.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +475,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
   rules = logical_rules(config)
   tx = make_optimizer(config)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.locked(workdir), preemption.handle_signals():
+    return _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx)
+
+
+def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
+  """`train_and_evaluate` inside the run directory's lock and the signal handlers."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.atomic_write_text(os.path.join(workdir, 'config.json'),
+                                  config.to_json_best_effort(indent=2))
 
   local_batch = config.batch_size // jax.process_count()
   data_iter = stage.make_iterator('train', local_batch, seed=config.seed, shuffle=True,
@@ -470,6 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
     start = int(jax.device_get(state.step))
     history = []
     eval_metrics = {}
+    divergence = _Divergence(config, int(jax.device_get(state.nonfinite_steps)))
     compiled, flops_per_step = None, 0.0
     for step in range(start + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -484,6 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
       for hook in hooks:
         hook(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        history = jax.device_get(history)
+        divergence.update(history, step)
         scalars = {f'train/{k}': v for k, v in _mean_metrics(history).items()}
         elapsed, timer = time.perf_counter() - timer[0], (time.perf_counter(), step)
         step_time = elapsed / max(len(history), 1)
@@ -499,28 +543,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
         eval_metrics = _evaluate(stage, state, workdir, writer, step)
       if not last and config.sample_every_steps and step % config.sample_every_steps == 0:
         _sample(stage, state, workdir, writer, step)
-      stopping = step == stop_at_step or manager.reached_preemption(step)
+      stopping = step == stop_at_step or preemption.stop_requested(step, manager)
+      if stopping and not last:
+        # Diverged updates since the last log must not reach a checkpoint unchecked.
+        history = jax.device_get(history)
+        divergence.update(history, step)
       if last or stopping or (config.checkpoint.every_steps and
                               step % config.checkpoint.every_steps == 0):
         save_checkpoint(manager, state, data_iter, config)
       if stopping:
-        logging.info('Stopping after step %d (checkpoint saved)', step)
         manager.wait_until_finished()
         writer.flush()
+        signal_name = preemption.received()
+        logging.warning('Stopped after step %d%s: checkpoint saved in %s; the same command '
+                        'resumes from it', step, f' ({signal_name})' if signal_name else '',
+                        manager.directory)
         return {}
     # The final checkpoint and the export are written before the final evaluation, so that an
     # evaluation that fails costs the run neither.
     manager.wait_until_finished()
     stage.export(state.ema_params, workdir)
     step = int(jax.device_get(state.step))
+    if preemption.received():   # told to stop during the last step: evaluate on the next run
+      logging.warning('Stopped (%s) after the last step: checkpoint and export saved; the '
+                      'same command evaluates', preemption.received())
+      writer.flush()
+      return {}
     eval_metrics = _evaluate(stage, state, workdir, writer, step)
     _sample(stage, state, workdir, writer, step)
     writer.flush()
   if 'error' in eval_metrics:
     return eval_metrics   # no eval_metrics.json: a later run on this workdir evaluates again
   if jax.process_index() == 0 and eval_metrics:
-    with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
-      json.dump(eval_metrics, f, indent=2)
+    workdir_lib.atomic_write_json(os.path.join(workdir, 'eval_metrics.json'), eval_metrics)
   return eval_metrics
 
 

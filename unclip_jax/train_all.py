@@ -24,6 +24,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from unclip_jax import cli
+from unclip_jax import preemption
 
 FLAGS = flags.FLAGS
 
@@ -146,19 +147,31 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    stage_dir)
       metrics = train.train_and_evaluate(configs[name], stage_dir)
     report[name] = {'seconds': round(time.perf_counter() - start, 1), 'eval': metrics}
+    if preemption.received():
+      raise Stopped(name)
 
   overlap = config.get('overlap_upsampler', False) and jax.process_count() == 1
   background = None
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    for name in STAGES:
-      if overlap and name == 'upsampler':
-        continue
-      if overlap and name == 'decoder':
-        background = pool.submit(run_stage, 'upsampler')
-      run_stage(name)
+    try:
+      for name in STAGES:
+        if overlap and name == 'upsampler':
+          continue
+        if overlap and name == 'decoder':
+          background = pool.submit(run_stage, 'upsampler')
+        run_stage(name)
+    finally:
+      if background is not None:
+        # The upsampler's thread sees the same stop request and checkpoints too; its error,
+        # if it had one, is re-raised (after the main thread's own).
+        concurrent.futures.wait([background])
     if background is not None:
-      background.result()   # re-raises the upsampler's error, if it had one
+      background.result()
   return {name: report[name] for name in STAGES}
+
+
+class Stopped(Exception):
+  """The job was told to stop (SIGTERM / SIGINT); its stages checkpointed."""
 
 
 def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -250,13 +263,19 @@ def _write_readings(path: str, prompts: list[str], scores: np.ndarray, readings=
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every stage, samples, writes and returns the report (also workdir/report.json)."""
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  report = {'stages': train_stages(config, workdir)}
-  report['sample'] = sample_and_score(config, workdir)
-  report['total_seconds'] = round(time.perf_counter() - start, 1)
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  with workdir_lib.locked(workdir, 'train_all'), preemption.handle_signals():
+    try:
+      report = {'stages': train_stages(config, workdir)}
+    except Stopped as e:
+      logging.warning('Stopped (%s) during stage %s: every stage that was training saved a '
+                      'checkpoint; the same command resumes the job', preemption.received(), e)
+      return {}
+    report['sample'] = sample_and_score(config, workdir)
+    report['total_seconds'] = round(time.perf_counter() - start, 1)
+    workdir_lib.atomic_write_json(os.path.join(workdir, 'report.json'), report)
   sample = report['sample']
   logging.info('Generated images: CLIP score %.1f (held-out images: %.1f); %.0f s in all; '
                'report: %s', sample['clip_score'], sample['clip_score_real'],
@@ -282,7 +301,11 @@ def main(argv):
     check_chain(FLAGS.config)
   except config_lib.ConfigError as e:
     sys.exit(f'Invalid config ({name}): {e}')
-  run(FLAGS.config, FLAGS.workdir)
+  from unclip_jax import train, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except (train.DivergedError, workdir_lib.WorkdirLockedError) as e:
+    sys.exit(f'Error: {e}')
 
 
 def run_cli():

@@ -165,3 +165,31 @@ def test_bpe_clip_exports_carry_their_vocabulary(make_tiny_clip_config, tmp_path
   monkeypatch.setattr(tokenizers, 'default_bpe_path', lambda: None)
   loaded = clip.load_frozen(str(tmp_path / 'export'))
   np.testing.assert_array_equal(loaded.tokenizer(['a photo of a small red star']), want)
+
+
+def test_accumulated_steps_contrast_the_whole_batch_and_the_logit_scale_is_clamped(
+    make_tiny_clip_config):
+  """With `optim.accum_steps=2` the CLIP's loss and gradients are those of the whole batch
+  (gradient caching), not an average of two microbatches' losses with half the negatives. The
+  logit scale's parameter is clamped after the update, at log(100), where its gradient is still
+  non-zero."""
+  config = make_tiny_clip_config()
+  stage = clip.Stage(config)
+  (batch,) = helpers.take_batches(stage, config, 1)
+  params = helpers.random_params(stage.model.init, batch['image'], batch['tokens'])
+  params = dict(params, logit_scale=np.float32(np.log(100.0)))
+  whole = jax.jit(jax.value_and_grad(stage.loss, has_aux=True))(params, batch, None, {})
+  cached = jax.jit(lambda p, b: stage.accumulated_loss_and_grads(p, b, None, {}, 2))(
+      params, batch)
+  np.testing.assert_allclose(cached[0][0], whole[0][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(cached[1]), jax.tree.leaves(whole[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+  # Averaging the two halves' own losses (what generic accumulation does) differs.
+  halves = [stage.loss(params, {k: v[i::2] for k, v in batch.items()}, None, {})[0]
+            for i in range(2)]
+  assert abs(np.mean(halves) - float(whole[0][0])) > 1e-2
+  assert float(whole[1]['logit_scale']) != 0.0      # the gradient does not vanish at 100
+  moved = stage.constrain_params(dict(params, logit_scale=np.float32(5.0)))
+  np.testing.assert_allclose(moved['logit_scale'], np.log(100.0), rtol=1e-6)
+  assert float(stage.constrain_params(dict(params, logit_scale=np.float32(-1.0)))[
+      'logit_scale']) == 0.0

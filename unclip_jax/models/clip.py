@@ -148,7 +148,8 @@ class CLIP(nn.Module):
   """The two towers plus a learned temperature.
 
   `__call__(images, tokens)` returns unit-normalised image and text embeddings [B, embed_dim] and
-  the logit scale exp(t) clamped at `max_logit_scale` (100 in CLIP). `text` or `vision` may be
+  the logit scale exp(t) (training keeps t within [0, log(max_logit_scale)], 100 in CLIP, by
+  clamping the parameter after each update, as OpenAI's does). `text` or `vision` may be
   None for a CLIP with one tower (e.g. a converted text encoder); using the missing one raises.
   """
   text: Optional[dict]
@@ -184,8 +185,9 @@ class CLIP(nn.Module):
   def __call__(self, images: jax.Array, tokens: jax.Array):
     image_emb = self.encode_image(images)
     text_emb, _ = self.encode_text(tokens)
-    scale = jnp.minimum(jnp.exp(self.logit_scale), self.max_logit_scale)
-    return image_emb, text_emb, scale
+    # The trainer keeps the parameter within [0, log(max_logit_scale)] after each update
+    # (`Stage.constrain_params`); clamping the scale here instead would zero its gradient.
+    return image_emb, text_emb, jnp.exp(self.logit_scale)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

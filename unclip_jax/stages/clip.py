@@ -240,6 +240,49 @@ class Stage:
                                                   batch['tokens'])
     return contrastive_loss(image_emb, text_emb, scale)
 
+  def accumulated_loss_and_grads(self, params, batch, rng, constants, accum: int):
+    """The contrastive loss of the whole batch and its gradients, computed a microbatch at a
+    time (gradient caching, Gao et al. 2021): every microbatch's embeddings first (no
+    activations kept), then the loss over all of them and its gradients with respect to the
+    embeddings and the logit scale, then each microbatch's backward pass from its slice of those
+    gradients. The same loss and gradients as `accum_steps=1` (every pair is contrasted with
+    the whole batch, not only its microbatch), with one microbatch's activations in memory."""
+    del rng, constants
+    micro = {k: batch[k].reshape((accum, batch[k].shape[0] // accum) + batch[k].shape[1:])
+             for k in ('image', 'tokens')}
+
+    def embed(p, mb):
+      image_emb, text_emb, _ = self.model.apply({'params': p}, mb['image'], mb['tokens'])
+      return image_emb, text_emb
+
+    image_emb, text_emb = jax.lax.map(lambda mb: embed(params, mb), micro)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+
+    def loss_of(image_emb, text_emb, logit_scale):
+      return contrastive_loss(image_emb, text_emb, jnp.exp(logit_scale))
+
+    (loss, metrics), (g_image, g_text, g_scale) = jax.value_and_grad(
+        loss_of, argnums=(0, 1, 2), has_aux=True)(flat(image_emb), flat(text_emb),
+                                                  params['logit_scale'])
+
+    def backward(grads, xs):
+      mb, gi, gt = xs
+      _, vjp = jax.vjp(lambda p: embed(p, mb), params)
+      (g,) = vjp((gi, gt))
+      return jax.tree.map(jnp.add, grads, g), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(backward, zeros, (micro, g_image.reshape(image_emb.shape),
+                                              g_text.reshape(text_emb.shape)))
+    grads = dict(grads, logit_scale=grads['logit_scale'] + g_scale)
+    return (loss, metrics), grads
+
+  def constrain_params(self, params):
+    """After each update: the logit scale's parameter is clamped to [0, log(max_logit_scale)]
+    (as OpenAI's training does), so that its gradient never vanishes at the clamp."""
+    top = float(np.log(self.model.max_logit_scale))
+    return dict(params, logit_scale=jnp.clip(params['logit_scale'], 0.0, top))
+
   def make_iterator(self, split, batch_size, *, seed, shuffle, process_index, process_count):
     from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     return input_pipeline.make_iterator(
@@ -353,20 +396,18 @@ def save_frozen(path: str, params, config: ml_collections.ConfigDict):
   config = ml_collections.ConfigDict(config.to_dict())
   t = config.get('tokenizer')
   text_tower = config.get('model', {}).get('text') is not None
+  copies = {}
   if t is not None and text_tower and tokenizer_kind(config) == 'clip_bpe':
     inside = t.path and not os.path.isabs(t.path) and os.path.exists(os.path.join(path, t.path))
-    # The vocabulary the run found itself (kind 'auto': an installed open_clip's) or was given.
-    source = t.path or (tokenizers.default_bpe_path() if t.kind == 'auto' else None)
-    if source and not inside:
-      import shutil  # pylint: disable=g-import-not-at-top
+    # The vocabulary the run found itself (kind 'auto': an installed open_clip's), was given,
+    # or (re-exporting) the copy inside the export being replaced.
+    source = (os.path.join(path, t.path) if inside else
+              t.path or (tokenizers.default_bpe_path() if t.kind == 'auto' else None))
+    if source:
       files = tokenizers.tokenizer_files(source)
-      folder = os.path.join(os.path.abspath(path), 'tokenizer')
-      if jax.process_index() == 0:
-        os.makedirs(folder, exist_ok=True)
-        for f in files:
-          shutil.copyfile(f, os.path.join(folder, os.path.basename(f)))
+      copies = {os.path.join('tokenizer', os.path.basename(f)): f for f in files}
       t.path = os.path.join('tokenizer', os.path.basename(files[0]))
-  export.save_export(path, params, config)
+  export.save_export(path, params, config, files=copies)
 
 
 class FrozenClip:

@@ -2,21 +2,50 @@
 
 import json
 import os
+import shutil
+from typing import Optional
 
 import jax
 import ml_collections
 
 
-def save_export(path: str, params, config: ml_collections.ConfigDict):
-  """Writes `params` (orbax) and `config.json` under `path`, replacing an older export."""
+def save_export(path: str, params, config: ml_collections.ConfigDict,
+                files: Optional[dict[str, str]] = None):
+  """Writes `params` (orbax), `config.json` and `files` ({name inside the export: source file})
+  under `path`, replacing an older export.
+
+  Everything goes to `path.partial` first, which is renamed into place once whole: a kill
+  mid-write leaves the old export (or none), never a torn one."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
+  partial, old = path + '.partial', path + '.old'
+  main = jax.process_index() == 0
+  if main and os.path.exists(partial):
+    shutil.rmtree(partial)
+  _sync('export_start')
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, 'params'), params, force=True)
+  ckpt.save(os.path.join(partial, 'params'), params, force=True)
   ckpt.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  if main:
+    for name, source in (files or {}).items():
+      os.makedirs(os.path.dirname(os.path.join(partial, name)), exist_ok=True)
+      shutil.copyfile(source, os.path.join(partial, name))
+    workdir_lib.atomic_write_text(os.path.join(partial, 'config.json'),
+                                  config.to_json_best_effort(indent=2))
+    if os.path.exists(old):
+      shutil.rmtree(old)
+    if os.path.exists(path):
+      os.rename(path, old)
+    os.rename(partial, path)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync('export_done')
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def export_dir(path: str) -> str:

@@ -1,0 +1,219 @@
+"""How runs end when things go wrong: signals, diverged training, two trainers on one run
+directory, and files written atomically."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from unclip_jax import preemption
+from unclip_jax import train
+from unclip_jax import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _restore_state(workdir, step):
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+
+
+class _LinearStage:
+  """Least squares on a fixed cycle of 3 batches: cheap to compile, with data and an export."""
+
+  def __init__(self, config, poison: bool = False):
+    self.config = config
+    self.poison = poison
+    self.model = nn.Dense(1, kernel_init=nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('embed', 'mlp')))
+
+  def batch_spec(self, batch_size):
+    return {'x': jax.ShapeDtypeStruct((batch_size, 4), jnp.float32),
+            'y': jax.ShapeDtypeStruct((batch_size, 1), jnp.float32)}
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch['x'])
+
+  def loss(self, params, batch, rng, constants):
+    del rng, constants
+    err = self.model.apply({'params': params}, batch['x']) - batch['y']
+    loss = jnp.mean(err ** 2)
+    return (loss * jnp.nan if self.poison else loss), {}
+
+  def make_iterator(self, split, batch_size, **kwargs):
+    del split, kwargs
+    import grain  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    batches = [{'x': rng.normal(size=(batch_size, 4)).astype(np.float32),
+                'y': rng.normal(size=(batch_size, 1)).astype(np.float32)} for _ in range(3)]
+    return iter(grain.MapDataset.source(batches).repeat(None).to_iter_dataset())
+
+  def evaluate(self, params, workdir):
+    del workdir
+    return {'kernel_norm': float(np.linalg.norm(np.asarray(params['kernel'])))}
+
+  def sample(self, params, workdir, step):
+    return None
+
+  def export(self, params, workdir):
+    from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
+    export.save_export(os.path.join(workdir, 'export'), params, self.config)
+
+
+def _signal_at_batch(monkeypatch, n: int, signum=signal.SIGTERM):
+  """Sends `signum` to this process while the n-th batch is being assembled, i.e. during step
+  n (counted from this call on)."""
+  calls = {'n': 0}
+  make = train.make_global_batch
+
+  def wrapped(*args, **kwargs):
+    calls['n'] += 1
+    if calls['n'] == n:
+      os.kill(os.getpid(), signum)
+    return make(*args, **kwargs)
+  monkeypatch.setattr(train, 'make_global_batch', wrapped)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(
+    make_tiny_clip_config, tmp_path, monkeypatch, signum):
+  """SIGTERM or SIGINT during step 3: the run finishes it, saves step 3, returns; the same
+  call resumes and ends bit-identical to an uninterrupted run (parameters, optimizer state and
+  data position). The handlers are the process's previous ones again afterwards."""
+  config = make_tiny_clip_config(**{'num_train_steps': 6, 'checkpoint.every_steps': 0})
+  whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  previous = signal.getsignal(signum)
+  train.train_and_evaluate(config, whole, stage=_LinearStage(config))
+  with monkeypatch.context() as m:
+    _signal_at_batch(m, 3, signum)
+    assert train.train_and_evaluate(config, resumed, stage=_LinearStage(config)) == {}
+  assert preemption.received() == signal.Signals(signum).name
+  assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['3']
+  assert not os.path.exists(os.path.join(resumed, 'export'))
+  assert signal.getsignal(signum) == previous
+  preemption.clear()
+  metrics = train.train_and_evaluate(config, resumed, stage=_LinearStage(config))
+  assert set(metrics) == {'kernel_norm'}
+  a, b = _restore_state(whole, 6), _restore_state(resumed, 6)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  data = [sorted(glob.glob(os.path.join(w, 'checkpoints', '6', 'data', '*.json')))
+          for w in (whole, resumed)]
+  assert data[0] and [open(f).read() for f in data[0]] == [open(f).read() for f in data[1]]
+  assert not os.path.exists(os.path.join(resumed, workdir_lib.LOCK_NAME))
+
+
+def test_sigterm_to_the_training_command_checkpoints_and_exits_0(data_dir, tmp_path):
+  """`python -m unclip_jax.main` on the tiny CLIP, SIGTERM once it is training: exit status 0,
+  a log line saying where the checkpoint is, a checkpoint at a step before the last."""
+  workdir = str(tmp_path / 'run')
+  args = [sys.executable, '-m', 'unclip_jax.main', '--config=configs/clip.py:tiny',
+          f'--workdir={workdir}', '--config.num_train_steps=100000',
+          '--config.log_every_steps=1', '--config.checkpoint.every_steps=0',
+          '--config.data.resolution=16', '--config.data.num_train=256',
+          '--config.data.num_test=64', '--config.batch_size=16',
+          f'--config.data.data_dir={data_dir}', '--config.model.text.depth=1',
+          '--config.model.vision.depth=1']
+  env = dict(os.environ, XLA_FLAGS='', UNCLIP_DATA_DIR=data_dir)
+  log = open(tmp_path / 'log.txt', 'w+')  # pylint: disable=consider-using-with
+  process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    events = os.path.join(workdir, 'events.out.tfevents.*')
+    for _ in range(1200):   # until a logged step shows it is training (at most 120 s)
+      if process.poll() is not None:
+        break
+      log.seek(0)
+      if re.search(r'\[2\] .*train/loss=', log.read()):
+        break
+      import time  # pylint: disable=g-import-not-at-top
+      time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=120)
+  finally:
+    process.kill()
+  log.seek(0)
+  output = log.read()
+  assert returncode == 0, output[-3000:]
+  assert 'SIGTERM received: stopping after the current step' in output
+  assert 'checkpoint saved in' in output and 'the same command resumes' in output
+  (step,) = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))]
+  assert 2 <= step < 100000 and glob.glob(events)
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_never_exports(make_tiny_clip_config,
+                                                                  tmp_path):
+  """Every update non-finite: the run stops at the log step that sees
+  `max_nonfinite_steps` of them in a row, exports nothing, and logs the true count."""
+  config = make_tiny_clip_config(**{'num_train_steps': 20, 'checkpoint.every_steps': 0,
+                                    'log_every_steps': 2, 'max_nonfinite_steps': 4})
+  workdir = str(tmp_path / 'diverged')
+  with pytest.raises(train.DivergedError,
+                     match=r'training diverged: 4 updates in a row up to step 4 had a '
+                           r'non-finite loss or gradient \(4 in all; '
+                           r'config.max_nonfinite_steps=4\)\. Nothing was exported'):
+    train.train_and_evaluate(config, workdir, stage=_LinearStage(config, poison=True))
+  assert not os.path.exists(os.path.join(workdir, 'export'))
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_NAME))
+  # The logged count is the run's total so far, not an average of it.
+  assert train._mean_metrics([{'nonfinite_steps': 1, 'loss': 1.0},   # pylint: disable=protected-access
+                              {'nonfinite_steps': 3, 'loss': 3.0}]) == {
+                                  'nonfinite_steps': 3.0, 'loss': 2.0}
+  # Skipped updates that are not in a row do not stop a run.
+  divergence = train._Divergence(config, 0)   # pylint: disable=protected-access
+  divergence.update([{'nonfinite_steps': n} for n in (1, 2, 3, 3, 4, 5, 6, 6)], 8)
+  assert (divergence.total, divergence.in_a_row) == (6, 0)
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(
+    make_tiny_clip_config, tmp_path, caplog):
+  config = make_tiny_clip_config(**{'num_train_steps': 2, 'checkpoint.every_steps': 0})
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  lock = os.path.join(workdir, workdir_lib.LOCK_NAME)
+  import socket  # pylint: disable=g-import-not-at-top
+  with open(lock, 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': holder.pid, 'started': 'earlier'}, f)
+  try:
+    with pytest.raises(workdir_lib.WorkdirLockedError,
+                       match=rf'{workdir} is in use by another trainer \(pid {holder.pid} on '):
+      train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  finally:
+    holder.kill()
+    holder.wait()
+  # Its process gone, the lock is stale: taken over with a warning, and removed at the end.
+  assert train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
+  assert 'Taking over the stale lock' in caplog.text
+  assert not os.path.exists(lock)
+  # A torn (unreadable) lock is stale too.
+  with open(lock, 'w') as f:
+    f.write('{"host": ')
+  assert train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
+
+
+def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
+  """A write that fails half-way leaves the old file whole and no temporary file behind."""
+  path = str(tmp_path / 'eval_metrics.json')
+  workdir_lib.atomic_write_json(path, {'a': 1})
+  real_replace = os.replace
+
+  def failing_replace(src, dst):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(os, 'replace', failing_replace)
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lib.atomic_write_json(path, {'a': 2})
+  monkeypatch.setattr(os, 'replace', real_replace)
+  with open(path) as f:
+    assert json.load(f) == {'a': 1}
+  assert os.listdir(tmp_path) == ['eval_metrics.json']
