@@ -217,3 +217,17 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
   with open(path) as f:
     assert json.load(f) == {'a': 1}
   assert os.listdir(tmp_path) == ['eval_metrics.json']
+
+
+@pytest.mark.parametrize('module,expected', [
+    ('unclip_jax.sample', ('--prior: Prior run or export.', '--decoder_steps: decoder respaced')),
+    ('unclip_jax.train_all', ('--config: Job config', '--workdir: Run directory')),
+])
+def test_help_lists_the_commands_own_flags(module, expected, tmp_path):
+  result = subprocess.run([sys.executable, '-m', module, '--help'], cwd=tmp_path,
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, XLA_FLAGS=''))
+  assert result.returncode == 0, result.stderr[-2000:]
+  for text in expected:
+    assert text in result.stdout, result.stdout
+  assert 'Try --helpfull' not in result.stdout and 'grain' not in result.stdout

@@ -36,9 +36,45 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
   return out
 
 
+HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort')
+
+
+def command_help(argv0: str) -> str:
+  """The command's own flags with their help text, grouped by the module defining them (absl's
+  `--help` shows only the flags of the `__main__` module, which for a console script is a
+  wrapper defining none)."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  # The command's module: `unclip_jax.…` for a console script, its file's path under `-m`
+  # (libraries' own flags, e.g. grain's or orbax's, stay in --helpfull).
+  ours = [m for m in by_module if m.startswith('unclip_jax') or m.endswith('.py')]
+  doc = ''
+  for name in ours:
+    # A module run with `python -m` is registered under its file's path.
+    module = sys.modules.get('__main__' if name.endswith('.py') else name)
+    if module is not None and module.__doc__:
+      doc = module.__doc__.strip()
+      break
+  lines = [f'usage: {os.path.basename(argv0)} [flags]', '']
+  if doc:
+    lines += [doc, '']
+  lines += ['flags:']
+  for name in ours:
+    lines.append(flags.FLAGS.module_help(name))
+  lines += ['', 'Config fields are overridden as --config.FIELD=VALUE (e.g. --config.optim.lr=3e-4); '
+            '--helpfull lists absl\'s own flags too.']
+  return '\n'.join(lines)
+
+
 def parse_flags(argv):
-  """absl's parser, with bad flags and config overrides reported in one line, not a traceback."""
+  """absl's parser, with bad flags and config overrides reported in one line, not a traceback.
+  `--help` lists the command's own flags."""
   argv = resolve_config_paths(list(argv))
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    try:
+      print(command_help(argv[0]))
+    except BrokenPipeError:   # `--help | head`
+      pass
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -401,12 +401,17 @@ def save_frozen(path: str, params, config: ml_collections.ConfigDict):
     inside = t.path and not os.path.isabs(t.path) and os.path.exists(os.path.join(path, t.path))
     # The vocabulary the run found itself (kind 'auto': an installed open_clip's), was given,
     # or (re-exporting) the copy inside the export being replaced.
-    source = (os.path.join(path, t.path) if inside else
-              t.path or (tokenizers.default_bpe_path() if t.kind == 'auto' else None))
-    if source:
-      files = tokenizers.tokenizer_files(source)
-      copies = {os.path.join('tokenizer', os.path.basename(f)): f for f in files}
-      t.path = os.path.join('tokenizer', os.path.basename(files[0]))
+    if inside:    # kept where it is: its files (a whole folder) go into the new export
+      source = os.path.join(os.path.abspath(path), t.path)
+      files = ([os.path.join(d, f) for d, _, names in os.walk(source) for f in names]
+               if os.path.isdir(source) else tokenizers.tokenizer_files(source))
+      copies = {os.path.relpath(f, os.path.abspath(path)): f for f in files}
+    else:
+      source = t.path or (tokenizers.default_bpe_path() if t.kind == 'auto' else None)
+      if source:
+        files = tokenizers.tokenizer_files(source)
+        copies = {os.path.join('tokenizer', os.path.basename(f)): f for f in files}
+        t.path = os.path.join('tokenizer', os.path.basename(files[0]))
   export.save_export(path, params, config, files=copies)
 
 
