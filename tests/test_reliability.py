@@ -231,3 +231,16 @@ def test_help_lists_the_commands_own_flags(module, expected, tmp_path):
   for text in expected:
     assert text in result.stdout, result.stdout
   assert 'Try --helpfull' not in result.stdout and 'grain' not in result.stdout
+
+
+def test_an_unknown_preset_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'unclip_jax.main', '--config=configs/clip.py:nosuch',
+       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, check=False,
+      env=dict(os.environ, XLA_FLAGS=''))
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      'Invalid command line: flag --config=configs/clip.py:nosuch: Error whilst parsing config '
+      "file: ValueError: configs/clip.py: unknown preset 'nosuch'; use 'tiny', 'vit_b16' or "
+      "'vit_l14'"), result.stderr
+  assert 'Traceback' not in result.stderr

@@ -78,7 +78,11 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'Invalid command line: {e}')
+    text = str(e)
+    if 'Traceback (most recent call last)' in text:   # a config file's own error, in one line
+      lines = [line.strip() for line in text.splitlines() if line.strip()]
+      text = f'{lines[0]} {lines[-1]}'
+    sys.exit(f'Invalid command line: {text}')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).replace('\\n', ' ').replace("\\'", '').strip('\'"')
     sys.exit(f'Invalid config override: unknown field or bad value: {message}')

@@ -215,7 +215,11 @@ def _fail(field: str, message: str):
 
 def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
   """Replaces a single -1 in the (data, fsdp, tensor) shape so its product is `num_devices`."""
-  shape = tuple(int(s) for s in shape)
+  try:
+    shape = tuple(int(s) for s in shape)
+  except (TypeError, ValueError):
+    _fail('mesh.shape', f'{shape!r} is not a tuple of {len(MESH_AXES)} integers {MESH_AXES}, '
+          'e.g. (-1, 1, 1)')
   if len(shape) != len(MESH_AXES):
     _fail('mesh.shape', f'{shape} must have {len(MESH_AXES)} entries {MESH_AXES}')
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
