@@ -62,6 +62,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = '25'
   c.sampling.sampler = 'ddpm'        # or 'ddim'
+  # How a bare step count picks timesteps: 'guided_diffusion' (its running-sum spacing), or
+  # 'unclip' (diffusers' UnCLIPScheduler; set for converted karlo stages).
+  c.sampling.timesteps = 'guided_diffusion'
   c.sampling.eta = 0.0
   c.sampling.guidance_scale = 3.0
   c.sampling.num_images = 16         # sample grid size during training

@@ -50,6 +50,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = '64'            # respaced steps (paper 64, karlo 25)
   c.sampling.sampler = 'ddpm'        # or 'ddim'
+  # How a bare step count picks timesteps: 'guided_diffusion' (its running-sum spacing), or
+  # 'unclip' (diffusers' UnCLIPScheduler; set for converted karlo stages).
+  c.sampling.timesteps = 'guided_diffusion'
   c.sampling.eta = 0.0
   c.sampling.guidance_scale = 2.0
   c.sampling.num_candidates = 2      # draw 2, keep the one with the larger dot with the text

@@ -52,6 +52,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict()
   c.sampling.steps = '27'
   c.sampling.sampler = 'ddim'
+  # How a bare step count picks timesteps: 'guided_diffusion' (its running-sum spacing), or
+  # 'unclip' (diffusers' UnCLIPScheduler; set for converted karlo stages).
+  c.sampling.timesteps = 'guided_diffusion'
   c.sampling.eta = 0.0
   c.sampling.num_images = 8
 

@@ -155,3 +155,26 @@ def test_slerp_endpoints_and_norm():
   np.testing.assert_allclose(frames[2], [np.sqrt(0.5), np.sqrt(0.5), 0], atol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(frames, axis=-1), 1.0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(pipeline_lib.slerp(a, a, 0.3)), a, atol=1e-6)
+
+
+def test_interpolation_and_text_diff_keep_raw_embedding_norms(pipe, monkeypatch):
+  """Stages trained on raw CLIP embeddings (karlo's, `clip.normalize=False`) get frames of
+  their scale: the interpolation's norm goes linearly from one image's to the other's (its ends
+  are the two embeddings exactly), and a text diff keeps the image embedding's norm."""
+  from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a, b = 3.0 * rng.normal(size=8), 7.0 * rng.normal(size=8)
+  monkeypatch.setattr(pipeline_lib.UnclipPipeline, '_normalize', property(lambda self: False))
+  monkeypatch.setattr(pipe, '_image_input', lambda image: image)
+  monkeypatch.setattr(pipe, 'image_embeddings', lambda image: np.asarray(image)[None])
+  monkeypatch.setattr(pipe, 'text_embeddings', lambda texts: np.stack([a, b]))
+  monkeypatch.setattr(pipe, 'decode', lambda frames, **kwargs: np.asarray(frames))
+  frames = pipe.interpolate(a, b, 5)
+  norms = np.linalg.norm(frames, axis=1)
+  np.testing.assert_allclose(norms, np.linspace(np.linalg.norm(a), np.linalg.norm(b), 5),
+                             rtol=1e-5)
+  np.testing.assert_allclose(frames[0], a, rtol=1e-5)
+  np.testing.assert_allclose(frames[-1], b, rtol=1e-5)
+  edited = pipe.text_diff(a, 'x', 'y', num_frames=3)
+  np.testing.assert_allclose(np.linalg.norm(edited, axis=1), np.linalg.norm(a), rtol=1e-5)
+  np.testing.assert_allclose(edited[0], a, rtol=1e-5)

@@ -434,12 +434,18 @@ class UnclipPipeline:
                   decoder: StageOptions = StageOptions(sampler='ddim', eta=0.0),
                   **kwargs) -> Generation:
     """`num_frames` images along the slerp between two images' CLIP embeddings, all decoded
-    from the same initial noise (deterministic DDIM by default, as in the paper)."""
+    from the same initial noise (deterministic DDIM by default, as in the paper). With raw
+    embeddings (karlo's stages) the norm is interpolated linearly between the two."""
     if num_frames < 2:
       raise ValueError(f'num_frames must be at least 2, got {num_frames}')
     a = self.image_embeddings(self._image_input(image_a))[0]
     b = self.image_embeddings(self._image_input(image_b))[0]
-    frames = slerp(a, b, jnp.linspace(0.0, 1.0, num_frames))
+    t = np.linspace(0.0, 1.0, num_frames)
+    frames = np.array(slerp(a, b, t))
+    if not self._normalize:
+      # Stages trained on raw embeddings (karlo's): the direction is slerped, the norm
+      # interpolated between the two images' own, so the decoder sees embeddings of its scale.
+      frames *= ((1 - t) * np.linalg.norm(a) + t * np.linalg.norm(b))[:, None]
     return self.decode(frames, seed=seed, decoder=decoder, shared_noise=True, **kwargs)
 
   def text_diff(self, image, source: str, target: str, num_frames: int = 4, *,
@@ -448,13 +454,16 @@ class UnclipPipeline:
                 **kwargs) -> Generation:
     """Edits an image toward a caption change: its embedding z_i is slerped toward the unit
     text diff z_d = norm(z_t(target) − z_t(source)) at angles θ ∈ linspace(0, max_angle) (the
-    paper uses θ up to 0.5), decoded from shared noise."""
+    paper uses θ up to 0.5), decoded from shared noise. With raw embeddings (karlo's stages)
+    the frames keep z_i's norm."""
     z_i = self.image_embeddings(self._image_input(image))[0]
     z_t = self.text_embeddings([source, target])
     z_d = z_t[1] - z_t[0]
     if np.linalg.norm(z_d) < 1e-6:
       raise ValueError('source and target captions have the same CLIP embedding')
-    frames = slerp(z_i, z_d, jnp.linspace(0.0, max_angle, num_frames))
+    frames = np.array(slerp(z_i, z_d, jnp.linspace(0.0, max_angle, num_frames)))
+    if not self._normalize:     # raw embeddings: the image embedding's own norm is kept
+      frames *= np.linalg.norm(z_i)
     return self.decode(frames, seed=seed, decoder=decoder, shared_noise=True, **kwargs)
 
 

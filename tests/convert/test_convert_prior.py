@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -178,14 +179,17 @@ def test_scheduler_fields_reproduce_unclip_scheduler(which, tmp_path):
   diffusers.UnCLIPScheduler(**settings).save_pretrained(str(tmp_path))
   fields = diffusers_prior.scheduler_fields(str(tmp_path), steps)
   assert fields == dict(expected, **{'diffusion.schedule': 'cosine', 'diffusion.num_steps': 1000,
-                                     'sampling.sampler': 'ddpm', 'sampling.steps': str(steps)})
+                                     'sampling.sampler': 'ddpm', 'sampling.steps': str(steps),
+                                     'sampling.timesteps': 'unclip'})
   # Our sampler built from the fields steps like the scheduler (given our float64 schedule, so
   # that formulations are compared, not float32 roundings; see test_diffusers_parity.py).
   betas = schedules.get_betas(fields['diffusion.schedule'], fields['diffusion.num_steps'])
   diffusion = gaussian_diffusion.diffusion_from_config(
       fields['diffusion.schedule'], fields['diffusion.num_steps'],
       mean_type=fields['diffusion.mean_type'],
-      var_type=fields['diffusion.var_type']).respace(fields['sampling.steps'])
+      var_type=fields['diffusion.var_type']).respace(schedules.stage_spacing(
+          ml_collections.ConfigDict({'steps': fields['sampling.steps'],
+                                     'timesteps': fields['sampling.timesteps']})))
   scheduler = diffusers.UnCLIPScheduler.from_pretrained(str(tmp_path))
   scheduler.betas = torch.tensor(np.asarray(betas), dtype=torch.float64)
   scheduler.alphas_cumprod = torch.cumprod(1.0 - scheduler.betas, 0)

@@ -205,11 +205,26 @@ def test_karlo_prior_step_matches_unclip_scheduler():
                  [timesteps_desc[24 - i] for i in indices], seed)
 
 
-def test_karlo_respacings_match_unclip_scheduler_timesteps():
-  for count in (7, 25, 50, 64, 100, 250):
+def test_converted_stages_keep_unclip_scheduler_timesteps_for_every_step_count():
+  """Under `sampling.timesteps='unclip'` (what the karlo converter sets) every step count from 2
+  to 100 keeps UnCLIPScheduler's timesteps, also the counts where guided-diffusion's spacing
+  (the default rule) keeps another one (e.g. 21: 499 where diffusers keeps 500)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  differ = []
+  for count in range(2, 101):
     scheduler = diffusers.UnCLIPScheduler()
     scheduler.set_timesteps(count)
-    assert sorted(int(t) for t in scheduler.timesteps) == schedules.space_timesteps(1000, count)
+    want = sorted(int(t) for t in scheduler.timesteps)
+    for steps in (count, str(count)):
+      sampling = ml_collections.ConfigDict({'steps': steps, 'timesteps': 'unclip'})
+      assert schedules.space_timesteps(1000, schedules.stage_spacing(sampling)) == want, count
+    if schedules.space_timesteps(1000, count) != want:
+      differ.append(count)
+  assert {21, 23, 31, 35, 39, 43, 45, 59} <= set(differ)
+  sampling = ml_collections.ConfigDict({'steps': 'ddim27', 'timesteps': 'unclip'})
+  assert schedules.stage_spacing(sampling) == 'ddim27'
+  with pytest.raises(ValueError, match='UnCLIPScheduler takes 2 to 1000 steps'):
+    schedules.space_timesteps(1000, 'unclip1')
 
 
 @pytest.mark.parametrize('schedule', ['cosine', 'linear'])

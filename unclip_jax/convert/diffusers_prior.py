@@ -218,8 +218,7 @@ _VAR_TYPES = {'fixed_small_log': 'fixed_small', 'learned_range': 'learned_range'
 
 def unclip_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
   """UnCLIPScheduler.set_timesteps' timesteps, ascending: round(i·(T-1)/(n-1)), i < n."""
-  ratio = (num_train_timesteps - 1) / (num_inference_steps - 1)
-  return sorted(int(t) for t in (np.arange(num_inference_steps) * ratio).round())
+  return schedules.unclip_timesteps(num_train_timesteps, num_inference_steps)
 
 
 def scheduler_fields(folder: str, num_inference_steps: int | None = None) -> dict[str, Any]:
@@ -258,6 +257,7 @@ def scheduler_fields(folder: str, num_inference_steps: int | None = None) -> dic
             'diffusion.mean_type': _MEAN_TYPES[s['prediction_type']],
             'diffusion.var_type': _VAR_TYPES[s['variance_type']],
             'sampling.sampler': 'ddpm',
+            'sampling.timesteps': 'unclip',   # a step count picks UnCLIPScheduler's timesteps
             'sampling.clip_range': float(s['clip_sample_range']) if s['clip_sample'] else None}
   if num_inference_steps is not None:
     fields['sampling.steps'] = _respacing(int(s['num_train_timesteps']), num_inference_steps)
@@ -265,12 +265,9 @@ def scheduler_fields(folder: str, num_inference_steps: int | None = None) -> dic
 
 
 def _respacing(num_train_timesteps: int, n: int) -> str:
-  """Our respacing name keeping UnCLIPScheduler's n timesteps (checked, not assumed)."""
+  """`sampling.steps` for UnCLIPScheduler's n timesteps (read with `sampling.timesteps='unclip'`,
+  so any other count a user asks for later also gets diffusers' timesteps)."""
   if not 2 <= n <= num_train_timesteps:
     raise ConversionError(f'num_inference_steps={n}: UnCLIPScheduler needs 2 to '
                           f'{num_train_timesteps} steps')
-  if schedules.space_timesteps(num_train_timesteps, str(n)) != unclip_timesteps(
-      num_train_timesteps, n):
-    raise ConversionError(f'num_inference_steps={n}: no respacing of ours gives '
-                          "UnCLIPScheduler's timesteps")
   return str(n)

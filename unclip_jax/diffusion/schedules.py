@@ -108,8 +108,8 @@ def _section_steps(start: int, size: int, count: int) -> list[int]:
   The position advances by a running float sum and is rounded half-to-even at each step, as in
   guided-diffusion's (and karlo's) respace.py, so a checkpoint sampled with "25" there sees the
   same timesteps here. For a few counts (e.g. 21 of 1000) that differs by one step from
-  `round(k * stride)`, which is what diffusers' UnCLIPScheduler.set_timesteps computes; pass
-  explicit timesteps to `GaussianDiffusion.keep_timesteps` to reproduce that instead.
+  `round(k * stride)`, which is what diffusers' UnCLIPScheduler.set_timesteps computes ("unclipN"
+  spacing, and `sampling.timesteps='unclip'` in stages converted from diffusers).
   """
   stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
   position = 0.0
@@ -118,6 +118,30 @@ def _section_steps(start: int, size: int, count: int) -> list[int]:
     steps.append(start + round(position))
     position += stride
   return steps
+
+
+def unclip_timesteps(num_steps: int, count: int, spacing=None) -> list[int]:
+  """diffusers' UnCLIPScheduler.set_timesteps: round(k·(T−1)/(N−1)) for k < N (float64,
+  half to even), ascending."""
+  if not 2 <= count <= num_steps:
+    raise ValueError(f'bad timestep spacing {spacing or count!r}: UnCLIPScheduler takes 2 to '
+                     f'{num_steps} steps')
+  ratio = (num_steps - 1) / (count - 1)
+  return sorted({int(t) for t in (np.arange(count) * ratio).round()})
+
+
+def stage_spacing(sampling) -> str | int | Sequence[int]:
+  """A stage's `sampling.steps` under its `sampling.timesteps` rule: a bare step count ('25')
+  means guided-diffusion's spacing ('guided_diffusion', the default) or, for stages converted
+  from diffusers ('unclip'), UnCLIPScheduler's timesteps ('unclip25'). Other forms ('ddim27',
+  '10,10,5', 'unclip25') are taken as they are."""
+  steps = sampling.steps
+  rule = sampling.get('timesteps', 'guided_diffusion')
+  if rule not in ('guided_diffusion', 'unclip'):
+    raise ValueError(f"sampling.timesteps: {rule!r}; expected 'guided_diffusion' or 'unclip'")
+  bare = isinstance(steps, (int, np.integer)) or (isinstance(steps, str) and
+                                                   steps.strip().isdigit())
+  return f'unclip{int(steps)}' if rule == 'unclip' and bare else steps
 
 
 def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]) -> list[int]:
@@ -130,6 +154,7 @@ def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]) -> list[
         included;
       * "ddimN": range(0, num_steps, stride) with the integer stride giving exactly N steps
         (the DDIM paper's striding; it never includes num_steps - 1 unless N == num_steps);
+      * "unclipN": diffusers' UnCLIPScheduler's N timesteps (`unclip_timesteps`);
       * "n1,n2,..." or a sequence of ints: the process is cut into that many equal sections
         (the first num_steps % k sections one step longer) and section i gets n_i evenly spaced
         steps, both section ends included (guided-diffusion's section counts).
@@ -149,6 +174,8 @@ def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]) -> list[
     text = spacing.strip()
     if text.startswith('ddim'):
       return _ddim_stride_steps(num_steps, _parse_int(text[len('ddim'):], spacing), spacing)
+    if text.startswith('unclip'):
+      return unclip_timesteps(num_steps, _parse_int(text[len('unclip'):], spacing), spacing)
     if not text:
       raise ValueError(f'bad timestep spacing {spacing!r}: empty')
     counts = [_parse_int(part, spacing) for part in text.split(',')]

@@ -23,6 +23,7 @@ import numpy as np
 from unclip_jax.data import sources
 from unclip_jax.diffusion import gaussian_diffusion
 from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import schedules
 from unclip_jax.images import image_grid
 from unclip_jax.models.decoder import UnclipDecoder
 from unclip_jax.stages import clip as clip_stage
@@ -68,7 +69,8 @@ class Stage:
     prior_stage.check_tokenizer_fits_data(self.clip, config)
     self.model = build_model(config, self.clip.config)
     self.diffusion = build_diffusion(config)
-    self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
+    self.sampling_diffusion = self.diffusion.respace(
+        schedules.stage_spacing(config.sampling))
     self.learned_variance = config.diffusion.var_type == 'learned_range'
     self.normalize = config.clip.get('normalize', True)
     self.text_emb_to_time = config.model.get('text_emb_to_time', False)

@@ -24,6 +24,7 @@ import numpy as np
 from unclip_jax.data import sources
 from unclip_jax.diffusion import gaussian_diffusion
 from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import schedules
 from unclip_jax.models.prior import DiffusionPrior
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import export
@@ -81,7 +82,8 @@ class Stage:
                        f'CLIP image size {clip_config.model.vision.image_size}')
     self.model = build_model(config, clip_config)
     self.diffusion = build_diffusion(config)
-    self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
+    self.sampling_diffusion = self.diffusion.respace(
+        schedules.stage_spacing(config.sampling))
     self._stats = None
     self._null_features = None
     self._sample_fn = None

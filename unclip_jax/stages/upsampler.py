@@ -26,6 +26,7 @@ from unclip_jax.data import degradations
 from unclip_jax.data import sources
 from unclip_jax.diffusion import gaussian_diffusion
 from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import schedules
 from unclip_jax.images import image_grid
 from unclip_jax.models.unet import UNet
 from unclip_jax.stages import clip as clip_stage
@@ -101,7 +102,8 @@ class Stage:
     self.config = config
     self.model = build_model(config)
     self.diffusion = build_diffusion(config)
-    self.sampling_diffusion = self.diffusion.respace(config.sampling.steps)
+    self.sampling_diffusion = self.diffusion.respace(
+        schedules.stage_spacing(config.sampling))
     self.learned_variance = config.diffusion.var_type == 'learned_range'
     self.clip_conditioning = config.upsampler.get('clip_conditioning', True)
     # karlo's super-resolution: params {'all_but_last': ..., 'last': ...}, the second model
