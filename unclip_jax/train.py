@@ -345,15 +345,60 @@ def restore_checkpoint(manager, abstract_state, shardings, data_iter, step=None)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, shardings)
   args = dict(state=ocp.args.StandardRestore(target))
-  if data_iter is not None and 'data' in manager.item_metadata(step):
-    args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
+    if data_iter is not None and 'data' in manager.item_metadata(step):
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # orbax raises several types for unreadable/mismatched checkpoints
     raise RuntimeError(
         f'could not restore checkpoint step {step} from {manager.directory}: {e}. The checkpoint '
         'is left untouched; point --workdir elsewhere or fix the config to match it.') from e
   return restored['state']
+
+
+def restore_newest_intact(manager, abstract_state, shardings, data_iter):
+  """Restores the newest checkpoint that can be read. Newer ones that cannot, while an older
+  one can (so the config is not the problem), are damaged: each gets one warning naming its step
+  and the error, and is moved aside to `checkpoints_damaged/` beside `checkpoints/` (never
+  deleted). If none can be read, one error names the directory and the latest step's problem,
+  and nothing is moved."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  failures = []
+  for step in steps:
+    try:
+      state = restore_checkpoint(manager, abstract_state, shardings, data_iter, step)
+    except RuntimeError as e:
+      failures.append((step, e))
+      continue
+    for bad, error in failures:
+      _move_aside(manager, bad, error)
+    if failures:
+      manager.reload()
+    return state
+  step, error = failures[0]
+  raise RuntimeError(
+      f'no checkpoint in {manager.directory} can be restored (steps {steps}); the latest, step '
+      f'{step}: {error.__cause__ or error}. Nothing was moved or deleted; if the config changed, '
+      'restore it or point --workdir elsewhere.') from error
+
+
+def _move_aside(manager, step: int, error: Exception):
+  source = os.path.join(str(manager.directory), str(step))
+  target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_damaged')
+  target = os.path.join(target_dir, str(step))
+  if jax.process_index() == 0 and os.path.exists(source):
+    os.makedirs(target_dir, exist_ok=True)
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(target_dir, f'{step}.{suffix}')
+    os.rename(source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'move_aside_{step}')
+  logging.warning('Checkpoint step %d in %s is damaged (%s); moved it to %s and restored the '
+                  'newest intact one', step, manager.directory,
+                  str(error.__cause__ or error).splitlines()[0][:300], target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +540,7 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
     abstract, shardings = state_shardings(init_fn, mesh, rules)
     manager = checkpoint_manager(workdir, config)
     if manager.latest_step() is not None:
-      state = restore_checkpoint(manager, abstract, shardings, data_iter)
+      state = restore_newest_intact(manager, abstract, shardings, data_iter)
       logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
     else:
       state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
