@@ -138,6 +138,22 @@ def test_bad_inputs(pipe, untrained_run, tmp_path):
   with pytest.raises(FileNotFoundError, match='no exported prior'):
     pipeline_lib.UnclipPipeline.from_workdirs(clip=os.path.join(untrained_run, 'clip'),
                                               prior=str(tmp_path))
+  # The wrong kind of export, and a prior trained on another CLIP (as its export records).
+  clip_dir = os.path.join(untrained_run, 'clip')
+  with pytest.raises(ValueError, match='decoder holds a decoder export where a prior is '
+                                       'expected'):
+    pipeline_lib.UnclipPipeline.from_workdirs(clip=clip_dir,
+                                              prior=os.path.join(untrained_run, 'decoder'))
+  from unclip_jax.stages import clip as clip_stage, export  # pylint: disable=g-import-not-at-top
+  config, params = export.load_export(os.path.join(untrained_run, 'prior'))
+  recorded = clip_stage.with_clip_fingerprint(config, clip_stage.load_frozen(clip_dir))
+  export.save_export(str(tmp_path / 'same' / 'export'), params, recorded)
+  assert pipeline_lib.UnclipPipeline.from_workdirs(clip=clip_dir, prior=str(tmp_path / 'same'))
+  recorded.clip.fingerprint = '0123456789abcdef'
+  export.save_export(str(tmp_path / 'other' / 'export'), params, recorded)
+  with pytest.raises(ValueError, match=r'was trained on another CLIP \(fingerprint '
+                                       r'0123456789abcdef\) than the one at'):
+    pipeline_lib.UnclipPipeline.from_workdirs(clip=clip_dir, prior=str(tmp_path / 'other'))
   # An upsampler whose input size is not the decoder's output size.
   up, up_params = pipe.upsamplers[0]
   with pytest.raises(ValueError, match='upsampler 1 takes 16px images, but the stage before it '

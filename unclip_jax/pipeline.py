@@ -153,18 +153,29 @@ class UnclipPipeline:
         raise ValueError('no CLIP given, and none is recorded in the prior or decoder config')
       clip = recorded[0]
     frozen = clip_stage.load_frozen(clip)
+    fingerprint = None
     parts = {}
     for name, loaded in configs.items():
       if loaded is None:
         parts[name] = None
         continue
       config, params = loaded
+      path = prior if name == 'prior' else decoder
+      _check_kind(config, name, path)
+      recorded = config.clip.get('fingerprint')
+      if recorded:    # exports of ours record their CLIP (converted ones do not)
+        from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+        fingerprint = fingerprint or embeddings.clip_fingerprint(frozen.params)
+        if recorded != fingerprint:
+          raise ValueError(f'the {name} at {path} was trained on another CLIP (fingerprint '
+                           f'{recorded}) than the one at {clip} ({fingerprint})')
       config = _for_inference(config)
       stage_cls = prior_stage.Stage if name == 'prior' else decoder_stage.Stage
       parts[name] = (stage_cls(config, clip=frozen), params)
     ups = []
     for path in upsamplers:
       config, params = export.load_export(path, what='upsampler')
+      _check_kind(config, 'upsampler', path)
       ups.append((upsampler_stage.Stage(_for_inference(config)), params))
     return cls(frozen, parts['prior'], parts['decoder'], ups)
 
@@ -465,6 +476,13 @@ class UnclipPipeline:
     if not self._normalize:     # raw embeddings: the image embedding's own norm is kept
       frames *= np.linalg.norm(z_i)
     return self.decode(frames, seed=seed, decoder=decoder, shared_noise=True, **kwargs)
+
+
+def _check_kind(config: ml_collections.ConfigDict, name: str, path: str):
+  """Refuses an export of another stage where `name` is expected (e.g. a decoder in prior/)."""
+  kind = config.get('stage')
+  if kind and kind != name:
+    raise ValueError(f'{path} holds a {kind} export where a {name} is expected')
 
 
 def _for_inference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

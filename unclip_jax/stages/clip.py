@@ -415,6 +415,16 @@ def save_frozen(path: str, params, config: ml_collections.ConfigDict):
   export.save_export(path, params, config, files=copies)
 
 
+def with_clip_fingerprint(config: ml_collections.ConfigDict,
+                          clip: 'FrozenClip') -> ml_collections.ConfigDict:
+  """A copy of a CLIP-conditioned stage's config recording its CLIP (`clip.fingerprint`), so
+  that loading the export with another CLIP is refused."""
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.clip.fingerprint = embeddings.clip_fingerprint(clip.params)
+  return config
+
+
 class FrozenClip:
   """A trained CLIP for the later stages: tokenizer, text and image encoders, fixed params."""
 

@@ -316,7 +316,8 @@ class Stage:
     return {'reconstructions': image_grid(pairs, columns=n)[None]}
 
   def export(self, params, workdir: str):
-    export.save_export(os.path.join(workdir, 'export'), params, self.config)
+    export.save_export(os.path.join(workdir, 'export'), params,
+                       clip_stage.with_clip_fingerprint(self.config, self.clip))
 
 
 def reconstruction_metrics(decoded_emb: np.ndarray, source_emb: np.ndarray) -> dict[str, float]:

@@ -328,7 +328,8 @@ class Stage:
 
   def export(self, params, workdir: str):
     """Saves the (EMA) params and config to `workdir/export`, loadable by `load_prior`."""
-    export.save_export(os.path.join(workdir, 'export'), params, self.config)
+    export.save_export(os.path.join(workdir, 'export'), params,
+                       clip_stage.with_clip_fingerprint(self.config, self.clip))
 
 
 def load_prior(path: str, clip: Optional[clip_stage.FrozenClip] = None):
