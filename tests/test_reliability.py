@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 from unclip_jax import preemption
 from unclip_jax import train
 from unclip_jax import workdir as workdir_lib
+from tests import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,46 +28,22 @@ def _restore_state(workdir, step):
       os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
-class _LinearStage:
-  """Least squares on a fixed cycle of 3 batches: cheap to compile, with data and an export."""
+class _LinearStage(test_train._RunnableLinearStage):  # pylint: disable=protected-access
+  """test_train's least-squares stage (cheap to compile, with data and an export) with an
+  evaluation that works, and optionally a loss that is never finite."""
 
   def __init__(self, config, poison: bool = False):
+    super().__init__()
     self.config = config
     self.poison = poison
-    self.model = nn.Dense(1, kernel_init=nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ('embed', 'mlp')))
-
-  def batch_spec(self, batch_size):
-    return {'x': jax.ShapeDtypeStruct((batch_size, 4), jnp.float32),
-            'y': jax.ShapeDtypeStruct((batch_size, 1), jnp.float32)}
-
-  def init(self, rng, batch):
-    return self.model.init(rng, batch['x'])
 
   def loss(self, params, batch, rng, constants):
-    del rng, constants
-    err = self.model.apply({'params': params}, batch['x']) - batch['y']
-    loss = jnp.mean(err ** 2)
-    return (loss * jnp.nan if self.poison else loss), {}
-
-  def make_iterator(self, split, batch_size, **kwargs):
-    del split, kwargs
-    import grain  # pylint: disable=g-import-not-at-top
-    rng = np.random.default_rng(0)
-    batches = [{'x': rng.normal(size=(batch_size, 4)).astype(np.float32),
-                'y': rng.normal(size=(batch_size, 1)).astype(np.float32)} for _ in range(3)]
-    return iter(grain.MapDataset.source(batches).repeat(None).to_iter_dataset())
+    loss, metrics = super().loss(params, batch, rng, constants)
+    return (loss * jnp.nan if self.poison else loss), metrics
 
   def evaluate(self, params, workdir):
     del workdir
     return {'kernel_norm': float(np.linalg.norm(np.asarray(params['kernel'])))}
-
-  def sample(self, params, workdir, step):
-    return None
-
-  def export(self, params, workdir):
-    from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
-    export.save_export(os.path.join(workdir, 'export'), params, self.config)
 
 
 def _signal_at_batch(monkeypatch, n: int, signum=signal.SIGTERM):
