@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from unclip_jax import multihost
 from unclip_jax.data import embeddings
 from unclip_jax.data import input_pipeline
 
@@ -76,17 +77,11 @@ def _prepare_dir(clip, data_config, out_dir, overwrite: bool) -> dict:
                        'or another format); choose another folder, or pass --overwrite')
     if jax.process_index() == 0:
       shutil.rmtree(out_dir)
-  _barrier('embeddings_clear')
+  multihost.barrier('embeddings_clear')
   os.makedirs(out_dir, exist_ok=True)
   if jax.process_index() == 0 and not same:
     embeddings.write_info(out_dir, info)
   return old if same else info
-
-
-def _barrier(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def write_split(clip, data_config, out_dir: str, split: str, *, batch_size: int = 256,
@@ -166,7 +161,7 @@ def write(clip, data_config: ml_collections.ConfigDict, out_dir: str,
     write_split(clip, data_config, out_dir, split, batch_size=batch_size, chunk_size=chunk_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 progress=progress)
-  _barrier('embeddings_written')
+  multihost.barrier('embeddings_written')
   for split in splits:
     counts = []
     for p in range(jax.process_count()):
@@ -181,7 +176,7 @@ def write(clip, data_config: ml_collections.ConfigDict, out_dir: str,
   info['seconds'] = round(time.perf_counter() - start, 1)
   if jax.process_index() == 0:
     embeddings.write_info(out_dir, info)
-  _barrier('embeddings_info')
+  multihost.barrier('embeddings_info')
   return info
 
 

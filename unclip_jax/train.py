@@ -21,6 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
+from unclip_jax import multihost
 from unclip_jax import preemption
 from unclip_jax import stages
 from unclip_jax import workdir as workdir_lib
@@ -393,9 +394,7 @@ def _move_aside(manager, step: int, error: Exception):
       suffix += 1
       target = os.path.join(target_dir, f'{step}.{suffix}')
     os.rename(source, target)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f'move_aside_{step}')
+  multihost.barrier(f'move_aside_{step}')
   logging.warning('Checkpoint step %d in %s is damaged (%s); moved it to %s and restored the '
                   'newest intact one', step, manager.directory,
                   str(error.__cause__ or error).splitlines()[0][:300], target)

@@ -128,8 +128,8 @@ def locked(workdir: str, what: str = 'train'):
   workdir = os.path.abspath(workdir)
   path = os.path.join(workdir, LOCK_NAME)
   owner = jax.process_index() == 0
-  held_before = owner and (_read_lock(path) or {}).get('pid') == os.getpid() and (
-      _read_lock(path) or {}).get('host') == socket.gethostname()
+  holder = (_read_lock(path) or {}) if owner else {}
+  held_before = (holder.get('pid'), holder.get('host')) == (os.getpid(), socket.gethostname())
   reason = _try_acquire(workdir, what) if owner else None
   reason = _broadcast_refusal(reason)
   if reason:

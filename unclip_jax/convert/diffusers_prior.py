@@ -34,7 +34,6 @@ import numpy as np
 from unclip_jax.convert import base_config
 from unclip_jax.convert.torch_io import (ConversionError, Reader, as_float32, check_params,
                                          load_state_dict, read_json)
-from unclip_jax.diffusion import schedules
 from unclip_jax.models.prior import DiffusionPrior
 
 # PriorTransformer config fields whose value changes the architecture: the values we implement.
@@ -214,11 +213,6 @@ _MEAN_TYPES = {'sample': 'x0', 'epsilon': 'eps'}
 # exp(0.5·log)), which is our 'fixed_small'; its 'learned_range' interpolates log beta~ and
 # log beta with the model's v in [-1, 1], as ours.
 _VAR_TYPES = {'fixed_small_log': 'fixed_small', 'learned_range': 'learned_range'}
-
-
-def unclip_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
-  """UnCLIPScheduler.set_timesteps' timesteps, ascending: round(i·(T-1)/(n-1)), i < n."""
-  return schedules.unclip_timesteps(num_train_timesteps, num_inference_steps)
 
 
 def scheduler_fields(folder: str, num_inference_steps: int | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 
 from unclip_jax import config_lib
+from unclip_jax import multihost
 from unclip_jax.data import image_processing
 from unclip_jax.data import input_pipeline
 from unclip_jax.data import sources
@@ -177,9 +178,7 @@ def main(argv):
                      process_index=jax.process_index(), process_count=jax.process_count())
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f'prepare: {e}') from None
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('prepare_done')
+  multihost.barrier('prepare_done')
   if jax.process_index() == 0:
     info = write_info(FLAGS.out, data, FLAGS.resolution, FLAGS.format, FLAGS.splits)
     print(json.dumps({'written': report, 'info': info}, indent=2))

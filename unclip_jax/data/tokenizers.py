@@ -20,6 +20,7 @@ to ids and is used by the built-in synthetic dataset.
 
 from __future__ import annotations
 
+import abc
 import gzip
 import html
 import json
@@ -80,7 +81,7 @@ def _check_str(text: str) -> str:
     return text
 
 
-class _Tokenizer:
+class _Tokenizer(abc.ABC):
     """Shared padding/truncation logic; subclasses implement ``encode`` and ``decode``."""
 
     _sot_id: int
@@ -115,9 +116,9 @@ class _Tokenizer:
         """Id used for padding (0, as in OpenAI CLIP)."""
         return 0
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without sot/eot."""
-        raise NotImplementedError
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]

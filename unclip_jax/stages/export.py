@@ -8,6 +8,8 @@ from typing import Optional
 import jax
 import ml_collections
 
+from unclip_jax import multihost
+
 
 def save_export(path: str, params, config: ml_collections.ConfigDict,
                 files: Optional[dict[str, str]] = None):
@@ -23,7 +25,7 @@ def save_export(path: str, params, config: ml_collections.ConfigDict,
   main = jax.process_index() == 0
   if main and os.path.exists(partial):
     shutil.rmtree(partial)
-  _sync('export_start')
+  multihost.barrier('export_start')
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(partial, 'params'), params, force=True)
   ckpt.wait_until_finished()
@@ -39,13 +41,7 @@ def save_export(path: str, params, config: ml_collections.ConfigDict,
       os.rename(path, old)
     os.rename(partial, path)
     shutil.rmtree(old, ignore_errors=True)
-  _sync('export_done')
-
-
-def _sync(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+  multihost.barrier('export_done')
 
 
 def export_dir(path: str) -> str:

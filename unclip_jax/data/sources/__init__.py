@@ -24,6 +24,7 @@ Sources come in two kinds:
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib
 import json
@@ -74,36 +75,40 @@ def is_streaming(source) -> bool:
   return isinstance(source, StreamingSource)
 
 
-class RandomAccessSource:
+class RandomAccessSource(abc.ABC):
   """Base of sources with `len()` and `[index] → raw example`; `describe()` names the data."""
 
+  @abc.abstractmethod
   def __len__(self) -> int:
-    raise NotImplementedError
+    """The number of examples."""
 
+  @abc.abstractmethod
   def __getitem__(self, index: int) -> dict:
-    raise NotImplementedError
+    """The raw example at `index`."""
 
+  @abc.abstractmethod
   def describe(self) -> str:
-    raise NotImplementedError
+    """What data this is (paths, settings), for messages and grain's state check."""
 
   def __repr__(self) -> str:   # grain compares it on restore
     return f'{type(self).__name__}({self.describe()})'
 
 
-class StreamingSource:
+class StreamingSource(abc.ABC):
   """Base of sources read unit by unit (shards, row groups), each from a resumable position."""
 
+  @abc.abstractmethod
   def units(self) -> list:
     """JSON-serialisable descriptions of the independent pieces of the data, in a fixed order."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def read(self, unit, position=None) -> Iterator[tuple[Any, dict]]:
     """Yields (position of the next example, example) through `unit`, starting at `position`
     (None: the unit's start). The positions are JSON-serialisable."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def describe(self) -> str:
-    raise NotImplementedError
+    """What data this is (paths, settings), for messages and grain's state check."""
 
   def __repr__(self) -> str:
     return f'{type(self).__name__}({self.describe()})'
