@@ -67,6 +67,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.sampling.timesteps = 'guided_diffusion'
   c.sampling.eta = 0.0
   c.sampling.guidance_scale = 3.0
+  # True (converted karlo stages): as diffusers' pipelines, no guidance when the prior's and
+  # decoder's scales are at most 1 (variations: the decoder's); False: any scale guides.
+  c.sampling.diffusers_guidance = False
   c.sampling.num_images = 16         # sample grid size during training
 
   c.eval = ml_collections.ConfigDict()

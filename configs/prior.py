@@ -55,6 +55,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.sampling.timesteps = 'guided_diffusion'
   c.sampling.eta = 0.0
   c.sampling.guidance_scale = 2.0
+  # True (converted karlo stages): as diffusers' pipelines, no guidance when the prior's and
+  # decoder's scales are at most 1 (variations: the decoder's); False: any scale guides.
+  c.sampling.diffusers_guidance = False
   c.sampling.num_candidates = 2      # draw 2, keep the one with the larger dot with the text
   c.sampling.clip_range = 10.0       # clip predicted x0 (normalised space); None: no clipping
 

@@ -18,7 +18,11 @@ prompt and what the checker reads in it) and TensorBoard logs, and report.json: 
 generated images whose shape colour, background colour and shape a pixel checker
 (unclip_jax.data.shape_checker) reads as the prompt says, next to the same reading of the
 dataset's own images, how each shape asked for was read, and each stage's time and evaluation.
-Running it again resumes; finished stages are skipped.
+Running it again resumes; finished stages are skipped. Each stage records what it was trained
+on (its training fields and, for the prior and decoder, the CLIP's fingerprint) in
+STAGE/inputs.json; a stage whose inputs changed since (a retrained CLIP, another data path or
+learning rate) is retrained, its old run moved to stale/ (config.stale_stages: 'retrain',
+'refuse' to stop with a message instead, 'keep' to use it anyway).
 
 Expected (tiny, 14 min 21 s on 2 CPU cores including the dataset): generated images' background
 colour 1.00 and shape colour 1.00 as prompted (dataset images 1.00, 1.00); shape 0.86 (chance
@@ -52,6 +56,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.precompute_embeddings = True     # the prior and decoder read the CLIP's embeddings from disk
   # The upsampler (it needs only the dataset) trains in a second thread alongside the decoder.
   c.overlap_upsampler = False
+  # A finished or partly trained stage whose inputs changed: 'retrain' | 'refuse' | 'keep'.
+  c.stale_stages = 'retrain'
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_prompts = 64          # held-out captions sampled and scored

@@ -178,6 +178,117 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(
   assert train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
 
 
+class _WriteLimit:
+  """Files this process writes may not grow past `limit` bytes while on (RLIMIT_FSIZE: writes
+  past it fail with EFBIG, as writes to a full disk fail with ENOSPC) — a real OS write error
+  for orbax and tensorstore without a small filesystem to fill."""
+
+  def __init__(self, limit):
+    import resource  # pylint: disable=g-import-not-at-top
+    self.resource, self.limit = resource, limit
+    self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+    self.handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of a kill
+
+  def on(self):
+    self.resource.setrlimit(self.resource.RLIMIT_FSIZE, (self.limit, self.saved[1]))
+
+  def off(self):
+    self.resource.setrlimit(self.resource.RLIMIT_FSIZE, self.saved)
+
+  def close(self):
+    self.off()
+    signal.signal(signal.SIGXFSZ, self.handler)
+
+
+def test_a_failed_checkpoint_or_export_write_stops_at_once_and_keeps_what_was_written(
+    make_tiny_clip_config, tmp_path, monkeypatch):
+  """The disk refuses the checkpoint at step 4 (a 2 MB array over a 512 kB limit): the run
+  stops before the next checkpoint is due with one line naming the step, the directory and the
+  OS error; the partial directory is gone, step 2 intact, and the same call resumes from it.
+  An export that fails likewise leaves no partial export, and the next run writes it."""
+  config = make_tiny_clip_config(**{'num_train_steps': 8, 'checkpoint.every_steps': 2,
+                                    'batch_size': 8})
+  workdir = str(tmp_path / 'run')
+  stage = _LinearStage(config)
+  stage.width = 2 ** 17   # a 2 MB kernel
+  stage.model = stage.model.clone(features=stage.width)
+  limit = _WriteLimit(2 ** 19)
+  batches, save, make = [], train.save_checkpoint, train.make_global_batch
+
+  def limited_save(manager, state, *args):
+    if int(state.step) == 4:
+      limit.on()
+    return save(manager, state, *args)
+
+  def slow_batch(*args, **kwargs):   # steps slow enough for the failed write to be noticed
+    batches.append(1)
+    if len(batches) > 4:
+      import time  # pylint: disable=g-import-not-at-top
+      time.sleep(0.3)
+    return make(*args, **kwargs)
+  try:
+    with monkeypatch.context() as m:
+      m.setattr(train, 'save_checkpoint', limited_save)
+      m.setattr(train, 'make_global_batch', slow_batch)
+      with pytest.raises(train.CheckpointSaveError) as raised:
+        train.train_and_evaluate(config, workdir, stage=stage)
+  finally:
+    limit.close()
+  message = str(raised.value)
+  assert '\n' not in message
+  assert message.startswith(f'could not write checkpoint step 4 in {workdir}/checkpoints: '
+                            '[Errno 27] File too large: '), message
+  assert 'the checkpoints already there (steps [2]) are untouched' in message
+  assert len(batches) < 6   # stopped before step 6's save would have noticed
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_NAME))
+
+  # The space back, the same call resumes from step 2; its export fails, then is written.
+  real_export = stage.export
+
+  def limited_export(params, workdir):
+    limit.on()
+    try:
+      real_export(params, workdir)
+    finally:
+      limit.off()
+  limit = _WriteLimit(2 ** 19)
+  try:
+    stage.export = limited_export
+    with pytest.raises(workdir_lib.WriteError,
+                       match=rf'could not write the export {workdir}/export: \[Errno 27\] File '
+                             r'too large: .*no export exists'):
+      train.train_and_evaluate(config, workdir, stage=stage)
+  finally:
+    limit.close()
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '6', '8']   # keep=3
+  assert not [n for n in os.listdir(workdir) if n.startswith('export')]
+  stage.export = real_export
+  assert set(train.train_and_evaluate(config, workdir, stage=stage)) == {'kernel_norm'}
+  assert os.path.isdir(os.path.join(workdir, 'export', 'params'))
+
+
+def test_library_errors_are_logged_without_their_tracebacks():
+  """The commands' log filter: orbax's INFO chatter is dropped, its errors kept as one line
+  (message and exception) without the traceback; our own records pass untouched."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from unclip_jax import cli  # pylint: disable=g-import-not-at-top
+  try:
+    raise ValueError('OUT_OF_RANGE: Error writing "step/0"\nmore detail')
+  except ValueError:
+    exc_info = sys.exc_info()
+
+  def record(path, level, exc=None):
+    return logging.LogRecord('absl', level, path, 1, 'thread %s failed', ('t1',), exc)
+  quiet = cli.QuietLibraries()
+  assert not quiet.filter(record('/x/orbax/checkpoint/a.py', logging.INFO))
+  error = record('/x/orbax/checkpoint/a.py', logging.ERROR, exc_info)
+  assert quiet.filter(error) and error.exc_info is None
+  assert error.getMessage() == 'thread t1 failed (ValueError: OUT_OF_RANGE: Error writing "step/0")'
+  ours = record('/x/unclip_jax/train.py', logging.ERROR, exc_info)
+  assert quiet.filter(ours) and ours.exc_info is exc_info
+
+
 def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
   """A write that fails half-way leaves the old file whole and no temporary file behind."""
   path = str(tmp_path / 'eval_metrics.json')

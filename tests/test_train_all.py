@@ -107,6 +107,7 @@ def _fake_training(monkeypatch, fail=None, wait=10.0):
       raise RuntimeError(f'{fail} failed')
     return {'metric': 1.0}
   monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  monkeypatch.setattr(train_all, '_clip_fingerprint', lambda workdir: 'clip')
   return started
 
 
@@ -156,3 +157,72 @@ def test_sampling_on_the_built_in_data_also_reads_the_images_with_the_pixel_chec
   readings = open(os.path.join(untrained_run, 'sample', 'readings.tsv')).read().splitlines()
   assert readings[0] == 'image\tprompt\tclip_score\tcolor\tbackground\tshape\tshape_iou'
   assert len(readings) == 5
+
+
+def _fake_finishing_training(monkeypatch):
+  """Stages' training replaced by one that leaves what a finished run leaves (a checkpoint at
+  the last step, an export, its evaluation); the CLIP's fingerprint stands for its learning
+  rate. Returns the list of stages trained, in order."""
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
+  trained = []
+
+  def fake(config, workdir):
+    trained.append(config.stage)
+    os.makedirs(os.path.join(workdir, 'checkpoints', str(config.num_train_steps)), exist_ok=True)
+    os.makedirs(os.path.join(workdir, 'export'), exist_ok=True)
+    for name in ('eval_metrics.json', os.path.join('export', 'config.json')):
+      with open(os.path.join(workdir, name), 'w') as f:
+        json.dump({'metric': 1.0}, f)
+    return {'metric': 1.0}
+
+  def fingerprint(workdir):
+    with open(os.path.join(workdir, 'clip', train_all.INPUTS_NAME)) as f:
+      return f'clip-lr-{json.load(f)["config"]["optim.lr"]}'
+  monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  monkeypatch.setattr(train_all, '_clip_fingerprint', fingerprint)
+  return trained
+
+
+def test_job_retrains_stages_whose_inputs_changed(tmp_path, monkeypatch, caplog):
+  """Each stage records its inputs. The CLIP retrained (its learning rate changed) makes the
+  prior and decoder stale too (another CLIP fingerprint): the three are retrained, their old
+  runs moved to stale/, the upsampler skipped. More steps resume a stage (not an input);
+  'refuse' stops with one line naming the change; 'keep' uses the stale stage."""
+  trained = _fake_finishing_training(monkeypatch)
+  config = unclip_configs.get_config('tiny')
+  config.precompute_embeddings = config.overlap_upsampler = False
+  workdir = str(tmp_path / 'run')
+  train_all.train_stages(config, workdir)
+  assert trained == list(train_all.STAGES)
+  recorded = json.load(open(os.path.join(workdir, 'prior', train_all.INPUTS_NAME)))
+  assert recorded['clip_fingerprint'] == f'clip-lr-{config.clip.optim.lr}'
+  assert recorded['config']['optim.lr'] == config.prior.optim.lr
+  assert 'clip.workdir' not in recorded['config'] and 'eval.num_examples' not in recorded['config']
+
+  del trained[:]
+  train_all.train_stages(config, workdir)          # nothing changed: every stage skipped
+  assert trained == []
+  old_lr = config.clip.optim.lr
+  config.clip.optim.lr = old_lr * 2
+  train_all.train_stages(config, workdir)
+  assert trained == ['clip', 'prior', 'decoder']
+  assert sorted(os.listdir(os.path.join(workdir, 'stale'))) == ['clip', 'decoder', 'prior']
+  assert (f'Stage prior was trained on other inputs (CLIP clip-lr-{old_lr} → clip-lr-'
+          in caplog.text)
+  assert f'optim.lr {old_lr!r} → {old_lr * 2!r}' in caplog.text
+
+  del trained[:]
+  config.upsampler.num_train_steps += 10            # more steps: resumed, not moved aside
+  config.decoder.optim.lr *= 3
+  config.stale_stages = 'refuse'
+  with pytest.raises(train_all.StaleStageError,
+                     match=r'stage decoder in .*/run/decoder was trained on other inputs than '
+                           r"this job's \(optim.lr .* → .*\); set --config.stale_stages=retrain"):
+    train_all.train_stages(config, workdir)
+  assert trained == [] and sorted(os.listdir(os.path.join(workdir, 'stale'))) == [
+      'clip', 'decoder', 'prior']
+  config.stale_stages = 'keep'
+  train_all.train_stages(config, workdir)
+  assert trained == ['upsampler']
+  assert 'Stage decoder in' in caplog.text and 'kept as it is' in caplog.text
+  assert not os.path.exists(os.path.join(workdir, 'stale', 'upsampler'))

@@ -8,11 +8,22 @@ from absl import flags
 
 class QuietLibraries:
   """A logging filter that drops INFO-level chatter from orbax/tfds/grain/jax; warnings and
-  errors still pass."""
+  errors still pass, an error without its traceback: the libraries log one for every thread
+  an error passes through (orbax: five for one failed write) before it reaches our code, which
+  reports it once."""
   NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/')
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or not any(n in record.pathname for n in self.NOISY)
+    if not any(n in record.pathname for n in self.NOISY):
+      return True
+    if record.levelno <= 20:
+      return False
+    if record.exc_info and record.exc_info[1] is not None:
+      error = record.exc_info[1]
+      first = (str(error).strip().splitlines() or [''])[0][:300]
+      record.msg, record.args = f'{record.getMessage()} ({type(error).__name__}: {first})', None
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:

@@ -38,10 +38,9 @@ def main(argv):
     config_lib.validate(FLAGS.config, jax.device_count(), jax.process_count())
   except config_lib.ConfigError as e:
     sys.exit(f'Invalid config: {e}')
-  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.DivergedError, workdir_lib.WorkdirLockedError) as e:
+  except train.RUN_ERRORS as e:
     sys.exit(f'Error: {e}')
 
 

@@ -249,6 +249,23 @@ class UnclipPipeline:
         self._variants[key] = type(stage)(config, **kwargs)
     return self._variants[key]
 
+  def _diffusers_guidance(self, **options: StageOptions) -> list[StageOptions]:
+    """The stages' options, with diffusers' rule where every stage follows it.
+
+    diffusers' unCLIP pipelines guide only when a scale is above 1 (text→image: the prior's or
+    the decoder's; variations: the decoder's); otherwise they draw from the conditional model
+    alone. Stages converted from diffusers (`sampling.diffusers_guidance`) keep that rule, so
+    scales at most 1 there mean scale 1 for all; our own stages guide at any scale."""
+    stages = {name: self._require(name)[0] for name in options}
+    if not all(stage.config.sampling.get('diffusers_guidance', False)
+               for stage in stages.values()):
+      return list(options.values())
+    scales = [o.guidance_scale if o.guidance_scale is not None
+              else stages[name].config.sampling.guidance_scale for name, o in options.items()]
+    if max(scales) > 1.0:
+      return list(options.values())
+    return [dataclasses.replace(o, guidance_scale=1.0) for o in options.values()]
+
   def _jit(self, key, fn):
     if key not in self._compiled:
       self._compiled[key] = jax.jit(fn)
@@ -330,6 +347,7 @@ class UnclipPipeline:
     unknown = set(noise) - {'prior', 'decoder', 'upsamplers'}
     if unknown:
       raise ValueError(f'noise: unknown stages {sorted(unknown)}; use prior, decoder, upsamplers')
+    prior, decoder = self._diffusers_guidance(prior=prior, decoder=decoder)
     stage, params = self._require('prior')
     stage = self._variant('prior', stage, prior)
     b, k, d = len(tokens), stage.config.sampling.num_candidates, self.clip.config.model.embed_dim
@@ -357,6 +375,7 @@ class UnclipPipeline:
              on_stage: Optional[Callable[[str, float], None]] = None) -> Generation:
     """Images for CLIP image embeddings [B, D] (decoder, then upsamplers), optionally with
     captions. `shared_noise`: every image starts from the same initial noise (interpolations)."""
+    (decoder,) = self._diffusers_guidance(decoder=decoder)
     emb = jnp.asarray(image_embeddings, jnp.float32)
     if emb.ndim != 2 or emb.shape[1] != self.clip.config.model.embed_dim:
       raise ValueError(f'image_embeddings: expected [B, {self.clip.config.model.embed_dim}], '

@@ -6,8 +6,10 @@ periodic logging, evaluation, sampling and checkpoints. The stage supplies its m
 evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stage it trains.
 """
 
+import glob
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -320,8 +322,10 @@ def compiled_flops(compiled) -> float:
 
 def checkpoint_manager(workdir: str, config):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # cleanup_tmp_directories: a save that a kill or a full disk interrupted leaves a
+  # `STEP.orbax-checkpoint-tmp-*` directory; it is removed when the run starts again.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoint.keep, create=True,
+      max_to_keep=config.checkpoint.keep, create=True, cleanup_tmp_directories=True,
       enable_async_checkpointing=config.checkpoint.async_save)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                options=options)
@@ -336,6 +340,63 @@ def save_checkpoint(manager, state: TrainState, data_iter, config):
   if data_iter is not None and hasattr(data_iter, 'get_state'):
     args['data'] = grain.checkpoint.CheckpointSave(data_iter)
   manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+
+class CheckpointSaveError(workdir_lib.WriteError):
+  """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
+class _Saver:
+  """Writes checkpoints through `manager` and stops the run at the first one that fails.
+
+  An asynchronous save fails in a background thread; orbax reports it only when the next save
+  waits for it, a whole checkpoint interval later. `poll` (called every step, and costing
+  nothing while a save runs) checks as soon as the save is over, so a run whose disk is full
+  stops at once. A failed save raises CheckpointSaveError naming the step, the directory and
+  the OS's error; its partial directory is removed (so it does not keep the disk full), and
+  the checkpoints already written are untouched: the same command resumes from the newest once
+  the cause is fixed."""
+
+  def __init__(self, manager):
+    self.manager = manager
+    self.pending = None   # the step being written in the background
+
+  def save(self, state: TrainState, data_iter, config):
+    self.wait()
+    step = int(jax.device_get(state.step))
+    try:
+      save_checkpoint(self.manager, state, data_iter, config)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from e
+    self.pending = step
+
+  def poll(self):
+    in_progress = getattr(self.manager, 'is_saving_in_progress', None)
+    if self.pending is not None and in_progress is not None and not in_progress():
+      self.wait()
+
+  def wait(self):
+    if self.pending is None:
+      return
+    step, self.pending = self.pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from e
+
+  def _failed(self, step: int, error: Exception) -> CheckpointSaveError:
+    directory = str(self.manager.directory)
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(directory, f'{step}.orbax-checkpoint-tmp*')):
+        shutil.rmtree(partial, ignore_errors=True)
+    kept = [s for s in self.manager.all_steps() if s != step]
+    intact = (f'the checkpoints already there (steps {sorted(kept)}) are untouched and the same '
+              'command resumes from the newest' if kept else
+              'no earlier checkpoint exists, so the same command starts again from step 0')
+    return CheckpointSaveError(
+        f'could not write checkpoint step {step} in {directory}: '
+        f'{workdir_lib.os_error(error)}. The partial write was removed; {intact} once the cause '
+        'is fixed.')
 
 
 def restore_checkpoint(manager, abstract_state, shardings, data_iter, step=None):
@@ -474,6 +535,10 @@ class DivergedError(RuntimeError):
   """Too many updates in a row had a non-finite loss or gradient."""
 
 
+# The errors that end a run with a one-line message (the commands print it, without a traceback).
+RUN_ERRORS = (DivergedError, workdir_lib.WorkdirLockedError, workdir_lib.WriteError)
+
+
 class _Divergence:
   """Counts updates skipped in a row (from the state's running total, read at each log step,
   so that it costs no extra host sync) and raises DivergedError past `config.max_nonfinite_steps`.
@@ -538,6 +603,7 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
     init_fn = _init_state_fn(stage, tx, stage.batch_spec(config.batch_size), config.seed)
     abstract, shardings = state_shardings(init_fn, mesh, rules)
     manager = checkpoint_manager(workdir, config)
+    saver = _Saver(manager)
     if manager.latest_step() is not None:
       state = restore_newest_intact(manager, abstract, shardings, data_iter)
       logging.info('Resumed from %s at step %d', manager.directory, int(state.step))
@@ -567,6 +633,7 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
           timer = (time.perf_counter(), step - 1)
         state, metrics = compiled(state, batch, constants)
       history.append(metrics)
+      saver.poll()
       for hook in hooks:
         hook(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
@@ -594,9 +661,9 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
         divergence.update(history, step)
       if last or stopping or (config.checkpoint.every_steps and
                               step % config.checkpoint.every_steps == 0):
-        save_checkpoint(manager, state, data_iter, config)
+        saver.save(state, data_iter, config)
       if stopping:
-        manager.wait_until_finished()
+        saver.wait()
         writer.flush()
         signal_name = preemption.received()
         logging.warning('Stopped after step %d%s: checkpoint saved in %s; the same command '
@@ -605,7 +672,7 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
         return {}
     # The final checkpoint and the export are written before the final evaluation, so that an
     # evaluation that fails costs the run neither.
-    manager.wait_until_finished()
+    saver.wait()
     stage.export(state.ema_params, workdir)
     step = int(jax.device_get(state.step))
     if preemption.received():   # told to stop during the last step: evaluate on the next run

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -68,6 +69,112 @@ def _finished(stage_dir: str, config) -> bool:
     return False
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
   return train.checkpoint_manager(stage_dir, config).latest_step() == config.num_train_steps
+
+
+# What a stage's parameters do not depend on: run bookkeeping, evaluation and sampling settings,
+# the device layout, the step count (more steps resume a finished stage, they do not restart
+# it), paths derived from the job's directory, and the data loader's performance knobs.
+_NOT_INPUTS = ('checkpoint', 'eval', 'eval_every_steps', 'log_every_steps',
+               'max_nonfinite_steps', 'mesh', 'num_train_steps', 'sample_every_steps',
+               'sampling', 'clip.workdir', 'data.embeddings_dir', 'data.eval_paths',
+               'data.eval_split', 'data.num_test', 'data.read_buffer', 'data.read_threads',
+               'data.worker_count')
+INPUTS_NAME = 'inputs.json'
+STALE_POLICIES = ('retrain', 'refuse', 'keep')
+
+
+class StaleStageError(RuntimeError):
+  """A stage trained on other inputs than the job's, and config.stale_stages='refuse'."""
+
+
+def stage_inputs(config: ml_collections.ConfigDict, clip_fingerprint: Optional[str]) -> dict:
+  """What a stage's trained parameters depend on: its config's training fields (model, data,
+  optimiser, seed, ...; flattened to dotted names) and, for the prior and decoder, the
+  fingerprint of the CLIP they train on."""
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      name = f'{prefix}{key}'
+      if name in _NOT_INPUTS:
+        continue
+      if isinstance(value, dict):
+        walk(value, f'{name}.')
+      else:
+        flat[name] = value
+  walk(json.loads(config.to_json_best_effort()), '')
+  return {'config': flat, 'clip_fingerprint': clip_fingerprint}
+
+
+def input_changes(recorded: dict, current: dict) -> list[str]:
+  """`recorded` → `current` for each input that differs. A field only one side has (one added
+  or removed by another version of unclip_jax) is not a change."""
+  changes = []
+  if recorded.get('clip_fingerprint') != current.get('clip_fingerprint'):
+    changes.append(f'CLIP {recorded.get("clip_fingerprint")} → '
+                   f'{current.get("clip_fingerprint")}')
+  old, new = recorded.get('config', {}), current['config']
+  changes += [f'{k} {old[k]!r} → {new[k]!r}' for k in sorted(set(old) & set(new))
+              if old[k] != new[k]]
+  return changes
+
+
+def _check_inputs(name: str, stage_dir: str, inputs: dict, policy: str, workdir: str):
+  """Compares the inputs a stage's run recorded with the job's; a stage trained on others is
+  moved to `WORKDIR/stale/` to be retrained (policy 'retrain'), refused ('refuse') or kept
+  with a warning ('keep'). Then records the job's inputs for the stage about to train."""
+  from unclip_jax import multihost  # pylint: disable=g-import-not-at-top
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if policy not in STALE_POLICIES:
+    raise config_error(f'config.stale_stages: {policy!r}; use one of {STALE_POLICIES}')
+  path = os.path.join(stage_dir, INPUTS_NAME)
+  recorded = None
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      recorded = json.load(f)
+  changes = input_changes(recorded, inputs) if recorded is not None else []
+  if changes:
+    what = '; '.join(changes)
+    if len(what) > 400:
+      what = what[:400] + f'… ({len(changes)} changes)'
+    if policy == 'refuse':
+      raise StaleStageError(
+          f'stage {name} in {stage_dir} was trained on other inputs than this job\'s ({what}); '
+          'set --config.stale_stages=retrain to retrain it (the old run is moved to '
+          f'{os.path.join(workdir, "stale")}) or =keep to use it anyway')
+    if policy == 'keep':
+      logging.warning('Stage %s in %s was trained on other inputs (%s); kept as it is '
+                      '(config.stale_stages=keep)', name, stage_dir, what)
+      return
+    target = os.path.join(workdir, 'stale', name)
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(workdir, 'stale', f'{name}.{suffix}')
+    if _is_main():
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(stage_dir, target)
+    multihost.barrier(f'stale_{name}')
+    logging.warning('Stage %s was trained on other inputs (%s): retraining it; the old run is '
+                    'in %s', name, what, target)
+  elif recorded is None and os.path.isdir(os.path.join(stage_dir, 'checkpoints')):
+    logging.warning('Stage %s in %s records no inputs (an older version trained it); taking '
+                    'them to be this job\'s', name, stage_dir)
+  if _is_main():
+    workdir_lib.atomic_write_json(path, inputs)
+  multihost.barrier(f'inputs_{name}')
+
+
+def _is_main() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def _clip_fingerprint(workdir: str) -> str:
+  """The fingerprint of the job's trained CLIP (its export's parameters)."""
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+  return embeddings.clip_fingerprint(clip_stage.load_frozen(os.path.join(workdir, 'clip')).params)
 
 
 def _embeddings_dir(workdir: str, data_config) -> str:
@@ -133,9 +240,16 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   configs = stage_configs(config, workdir)
   report = {}
 
+  fingerprint = {}
+
   def run_stage(name):
     stage_dir = os.path.join(workdir, name)
     start = time.perf_counter()
+    if name in CLIP_CONDITIONED and 'clip' not in fingerprint:
+      fingerprint['clip'] = _clip_fingerprint(workdir)
+    inputs = stage_inputs(configs[name], fingerprint['clip'] if name in CLIP_CONDITIONED
+                          else None)
+    _check_inputs(name, stage_dir, inputs, config.get('stale_stages', 'retrain'), workdir)
     if name in CLIP_CONDITIONED and config.precompute_embeddings:
       _ensure_embeddings(configs, workdir)
     if _finished(stage_dir, configs[name]):
@@ -301,10 +415,10 @@ def main(argv):
     check_chain(FLAGS.config)
   except config_lib.ConfigError as e:
     sys.exit(f'Invalid config ({name}): {e}')
-  from unclip_jax import train, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from unclip_jax import train  # pylint: disable=g-import-not-at-top
   try:
     run(FLAGS.config, FLAGS.workdir)
-  except (train.DivergedError, workdir_lib.WorkdirLockedError) as e:
+  except (*train.RUN_ERRORS, StaleStageError) as e:
     sys.exit(f'Error: {e}')
 
 

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 from typing import Any, Optional
 
@@ -43,6 +44,31 @@ def atomic_write_text(path: str, text: str):
 
 def atomic_write_json(path: str, value: Any, indent: int = 2):
   atomic_write_text(path, json.dumps(value, indent=indent) + '\n')
+
+
+class WriteError(RuntimeError):
+  """A run's file or directory could not be written (a full disk, a quota, a lost mount)."""
+
+
+def os_error(error: BaseException) -> str:
+  """One line for the OS error behind `error` (orbax and tensorstore wrap it), else for
+  `error` itself."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.strerror:
+      return f'[Errno {seen.errno}] {seen.strerror}' + (f': {seen.filename}' if seen.filename
+                                                        else '')
+    seen = seen.__cause__ or seen.__context__
+  text = str(error).strip()
+  # tensorstore (orbax's array writer) gives the OS error inside its message:
+  # '... Failed writing: "FILE": Failed to write N bytes to file 18: File too large
+  # [os_error_code='27']'.
+  found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+  if found:
+    file = re.search(r'"(/[^"]+)"[^"]*$', text[:found.start()])
+    return f'[Errno {found[2]}] {found[1]}' + (f': {file[1]}' if file else '')
+  lines = text.splitlines()
+  return f'{type(error).__name__}: {lines[0][:300]}' if lines else type(error).__name__
 
 
 class WorkdirLockedError(RuntimeError):

@@ -231,6 +231,41 @@ def test_whole_pipeline_generates_the_same_images(both):
   assert diff.mean() <= 1e-3 and diff.max() <= 5e-2, (diff.mean(), diff.max())
 
 
+def test_scales_at_most_1_turn_guidance_off_as_in_diffusers(karlo, both):
+  """diffusers guides only when a scale is above 1: at prior 0.5 / decoder 1 it draws from the
+  conditional prior alone, and so does our converted pipeline (the same image embeddings from
+  the same noise; guided at 0.5 they would move away from the prompt). With the decoder's scale
+  above 1 both pipelines guide the prior at 0.5."""
+  reference, _, _ = karlo
+  _, _, latents, pipe = both
+  seen, text_proj = {}, reference.text_proj.forward
+
+  def see_embeddings(*args, **kwargs):
+    seen['image_embeddings'] = kwargs['image_embeddings'].numpy().copy()
+    return text_proj(*args, **kwargs)
+  with pytest.MonkeyPatch.context() as patch:
+    _feed_our_step_noise(patch, len(PROMPTS))
+    patch.setattr(reference.text_proj, 'forward', see_embeddings)
+    with torch.no_grad():
+      reference(PROMPTS, prior_num_inference_steps=STEPS['prior'],
+                decoder_num_inference_steps=STEPS['decoder'],
+                super_res_num_inference_steps=STEPS['super_res'],
+                prior_latents=torch.tensor(latents['prior']),
+                decoder_latents=torch.tensor(latents['decoder'].transpose(0, 3, 1, 2)),
+                super_res_latents=torch.tensor(latents['super_res'].transpose(0, 3, 1, 2)),
+                prior_guidance_scale=0.5, decoder_guidance_scale=1.0, output_type='np')
+  low = lambda stage, scale: pipeline_lib.StageOptions(steps=str(STEPS[stage]),
+                                                       seed=SEEDS[stage], guidance_scale=scale)
+  ours = pipe.text_to_image(PROMPTS, prior=low('prior', 0.5), decoder=low('decoder', 1.0),
+                            upsamplers=_options('super_res'),
+                            noise={'prior': latents['prior'], 'decoder': latents['decoder'],
+                                   'upsamplers': [latents['super_res']]})
+  assert _rel(ours.image_embeddings, seen['image_embeddings']) <= 1e-4
+  options = pipe._diffusers_guidance(prior=low('prior', 0.5),   # pylint: disable=protected-access
+                                     decoder=low('decoder', 2.0))
+  assert [o.guidance_scale for o in options] == [0.5, 2.0]
+
+
 def test_converted_folder_layout_and_settings(karlo):
   _, src, dst = karlo
   assert sorted(os.listdir(dst)) == ['clip', 'converted_from.json', 'decoder', 'prior',

@@ -1,8 +1,11 @@
 """Tests for the grain input pipeline over CaptionedShapes."""
 
+import glob
 import io
 import logging
+import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -151,6 +154,27 @@ def test_bad_records_skipped_counted_by_reason_and_logged(config, caplog):
   data = ip.load_split(config, 'test', data_source=corrupt)
   assert {k: v for k, v in ip.skip_counts().items() if v} == expected
   assert len(data['id']) == 44 and not bad_ids & set(data['id'].tolist())
+
+
+def test_a_damaged_record_of_the_built_in_data_is_skipped_naming_its_file_and_record(
+    config, tmp_path, caplog):
+  """Bytes of the built-in test split's file overwritten (its records' checksums fail): the
+  damaged records are counted as bad and logged with the file and record; the rest is read."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  damaged = ml_collections.ConfigDict(dict(config.to_dict(), data_dir=str(tmp_path / 'data')))
+  shutil.copytree(config.data_dir, damaged.data_dir)
+  (path,) = glob.glob(os.path.join(damaged.data_dir, '**', '*-test.array_record-*'),
+                      recursive=True)
+  with open(path, 'r+b') as f:
+    f.seek(20000)     # inside a record's data (not a 64 kB block header: that loses them all)
+    f.write(b'\0' * 64)
+  ip.reset_skip_counts()
+  with caplog.at_level(logging.WARNING):
+    data = ip.load_split(damaged, 'test')
+  bad = ip.skip_counts()['bad_record']
+  assert 1 <= bad <= 5 and len(data['id']) == 50 - bad
+  assert re.search(rf"Skipping sample key='\d+' in {re.escape(path)} record \d+ \(bad_record, "
+                   r'1 so far\): Corrupted Riegeli/records file', caplog.text), caplog.text
 
 
 def test_images_of_another_size_or_mode_are_converted_not_dropped(config):

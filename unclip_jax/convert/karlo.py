@@ -35,8 +35,10 @@ REQUIRED_PARTS = ('text_encoder', 'tokenizer', 'prior', 'prior_scheduler', 'text
                   'super_res_scheduler')
 
 # karlo's default sampling settings (UnCLIPPipeline.__call__).
-PRIOR_SAMPLING = dict(steps='25', sampler='ddpm', guidance_scale=4.0, num_candidates=1)
-DECODER_SAMPLING = dict(steps='25', sampler='ddpm', guidance_scale=8.0)
+# diffusers_guidance: no guidance when the scales are at most 1, as diffusers' pipelines.
+PRIOR_SAMPLING = dict(steps='25', sampler='ddpm', guidance_scale=4.0, num_candidates=1,
+                      diffusers_guidance=True)
+DECODER_SAMPLING = dict(steps='25', sampler='ddpm', guidance_scale=8.0, diffusers_guidance=True)
 SUPER_RES_SAMPLING = dict(steps='7', sampler='ddpm')
 
 

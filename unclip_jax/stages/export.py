@@ -26,15 +26,25 @@ def save_export(path: str, params, config: ml_collections.ConfigDict,
   if main and os.path.exists(partial):
     shutil.rmtree(partial)
   multihost.barrier('export_start')
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(partial, 'params'), params, force=True)
-  ckpt.wait_until_finished()
+  try:
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(partial, 'params'), params, force=True)
+    ckpt.wait_until_finished()
+    if main:
+      for name, source in (files or {}).items():
+        os.makedirs(os.path.dirname(os.path.join(partial, name)), exist_ok=True)
+        shutil.copyfile(source, os.path.join(partial, name))
+      workdir_lib.atomic_write_text(os.path.join(partial, 'config.json'),
+                                    config.to_json_best_effort(indent=2))
+  except Exception as e:  # pylint: disable=broad-except
+    if main:
+      shutil.rmtree(partial, ignore_errors=True)
+    previous = 'the previous export is in place' if os.path.exists(path) else 'no export exists'
+    raise workdir_lib.WriteError(
+        f'could not write the export {path}: {workdir_lib.os_error(e)}. The partial export was '
+        f'removed and {previous}; the same command writes it again once the cause is '
+        'fixed.') from e
   if main:
-    for name, source in (files or {}).items():
-      os.makedirs(os.path.dirname(os.path.join(partial, name)), exist_ok=True)
-      shutil.copyfile(source, os.path.join(partial, name))
-    workdir_lib.atomic_write_text(os.path.join(partial, 'config.json'),
-                                  config.to_json_best_effort(indent=2))
     if os.path.exists(old):
       shutil.rmtree(old)
     if os.path.exists(path):

@@ -24,13 +24,30 @@ class ShapesSource(sources.RandomAccessSource):
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict:
-    record = self._records[index]
+    try:
+      record = self._records[index]
+    except Exception as e:  # pylint: disable=broad-except
+      # A damaged file (a checksum mismatch): counted and logged with the file and record; the
+      # data is generated again once its folder is deleted.
+      return sources.skip('bad_record', index, self._locate(index), e)
     return {'key': str(int(record['id'])), 'image': record['image'],
             'caption': sources.text(record['caption']),
             'labels': {k: int(record[k]) for k in LABEL_KEYS}}
 
   def describe(self) -> str:
     return self._name
+
+  def _locate(self, index: int) -> str:
+    """'FILE record N' for the split's `index`-th record (delete FILE's folder to regenerate)."""
+    try:
+      split = self._records.dataset_info.splits[self._records.split]
+      for path, length in zip(split.filepaths, split.shard_lengths):
+        if index < length:
+          return f'{path} record {index}'
+        index -= length
+    except Exception:  # pylint: disable=broad-except
+      pass
+    return f'{self._name} record {index}'
 
 
 def make(data_config, split: str) -> ShapesSource:
