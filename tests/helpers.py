@@ -122,6 +122,8 @@ def start_job(workdir, data_dir: str, *overrides: str, before=None):
   # One XLA thread: the job shares the machine's cores with the in-process tests, and two
   # processes' thread pools spinning on 2 cores cost more than the job's own parallelism gains
   # (measured: the suite in 744 s instead of 1098 s).
+  # (Not the tests' compile flags: at XLA's default optimisation they compile slower, and
+  # less optimisation doubles the job's step times.)
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL='3',
              XLA_FLAGS='--xla_cpu_multi_thread_eigen=false')
   log = open(os.path.join(os.path.dirname(str(workdir)), 'job.log'), 'w+')  # pylint: disable=consider-using-with

@@ -4,10 +4,12 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from tests import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # A tiny CLIP: XLA's backend optimisations would cost more compile time than they save.
 os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=2 '
-                           '--xla_backend_optimization_level=0')
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+                           '--xla_backend_optimization_level=0' + xla_flags.fast_compile())
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -30,10 +32,26 @@ def main(port: str, process_id: str, workdir: str, data_dir: str):
   mine = sorted((s for s in batch['tokens'].addressable_shards), key=lambda s: s.index[0].start)
   np.testing.assert_array_equal(np.concatenate([s.data for s in mine]), local['tokens'])
 
-  stopped = train.train_and_evaluate(config, workdir, stop_at_step=3)
-  metrics = train.train_and_evaluate(config, workdir)   # resumes at step 3
+  # SIGTERM to process 1 alone, during its step 3: JAX's preemption sync point stops both
+  # processes after the same step, with the checkpoint at it; the same call resumes both.
+  import signal  # pylint: disable=g-import-not-at-top
+  from unclip_jax import preemption  # pylint: disable=g-import-not-at-top
+  batches, make = [0], train.make_global_batch
+
+  def make_and_signal(*args, **kwargs):
+    batches[0] += 1
+    if process_id == '1' and batches[0] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return make(*args, **kwargs)
+  train.make_global_batch = make_and_signal
+  stopped = train.train_and_evaluate(config, workdir)
+  stopped_at, received = batches[0], preemption.received()
+  train.make_global_batch = make
+  preemption.clear()
+  metrics = train.train_and_evaluate(config, workdir)   # resumes where both stopped
   with open(os.path.join(workdir, f'result_{process_id}.json'), 'w') as f:
-    json.dump({'stopped': stopped, 'metrics': metrics}, f)
+    json.dump({'stopped': stopped, 'stopped_at': stopped_at, 'received': received,
+               'metrics': metrics}, f)
 
 
 if __name__ == '__main__':

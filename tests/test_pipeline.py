@@ -4,7 +4,6 @@ bad prompts and inputs."""
 
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image

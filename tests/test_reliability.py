@@ -19,6 +19,7 @@ from unclip_jax import preemption
 from unclip_jax import train
 from unclip_jax import workdir as workdir_lib
 from tests import test_train
+from tests import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +90,40 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(
   assert not os.path.exists(os.path.join(resumed, workdir_lib.LOCK_NAME))
 
 
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_newest_intact_one_restored(
+    make_tiny_clip_config, tmp_path, caplog):
+  """The latest checkpoint's files overwritten: one warning naming its step, the step moved to
+  checkpoints_damaged/ (not deleted), and the run resumes from the newest intact one (step 3),
+  reaching the state the damaged one held. None intact: one error naming the directory and the
+  steps, and nothing moved."""
+  config = make_tiny_clip_config(**{'num_train_steps': 8, 'checkpoint.every_steps': 0})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir, stage=_LinearStage(config), stop_at_step=3)
+  train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
+  whole = _restore_state(workdir, 8)
+
+  def damage(step):
+    for f in glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', '*'),
+                       recursive=True):
+      if os.path.isfile(f):
+        with open(f, 'wb') as fh:
+          fh.write(b'garbage')
+  damage(8)
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
+  assert re.search(r'Checkpoint step 8 in \S+ is damaged \(.*\); moved it to \S+'
+                   r'checkpoints_damaged/8 and restored the newest intact one', caplog.text)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_damaged', '8', 'state'))
+  for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(_restore_state(workdir, 8))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for step in os.listdir(os.path.join(workdir, 'checkpoints')):
+    damage(step)
+  config.num_train_steps = 12
+  with pytest.raises(RuntimeError, match=r'no checkpoint in .* can be restored \(steps \[8, 3\]\)'):
+    train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '8']
+
+
 def test_sigterm_to_the_training_command_checkpoints_and_exits_0(data_dir, tmp_path):
   """`python -m unclip_jax.main` on the tiny CLIP, SIGTERM once it is training: exit status 0,
   a log line saying where the checkpoint is, a checkpoint at a step before the last."""
@@ -100,7 +135,8 @@ def test_sigterm_to_the_training_command_checkpoints_and_exits_0(data_dir, tmp_p
           '--config.data.num_test=64', '--config.batch_size=16',
           f'--config.data.data_dir={data_dir}', '--config.model.text.depth=1',
           '--config.model.vision.depth=1']
-  env = dict(os.environ, XLA_FLAGS='', UNCLIP_DATA_DIR=data_dir)
+  env = dict(os.environ, UNCLIP_DATA_DIR=data_dir,
+             XLA_FLAGS='--xla_backend_optimization_level=0' + xla_flags.fast_compile())
   log = open(tmp_path / 'log.txt', 'w+')  # pylint: disable=consider-using-with
   process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
   try:
@@ -200,6 +236,8 @@ class _WriteLimit:
     signal.signal(signal.SIGXFSZ, self.handler)
 
 
+# orbax's writer threads, cut short by the error, leave an asyncio callback behind.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_failed_checkpoint_or_export_write_stops_at_once_and_keeps_what_was_written(
     make_tiny_clip_config, tmp_path, monkeypatch):
   """The disk refuses the checkpoint at step 4 (a 2 MB array over a 512 kB limit): the run
@@ -287,6 +325,19 @@ def test_library_errors_are_logged_without_their_tracebacks():
   assert error.getMessage() == 'thread t1 failed (ValueError: OUT_OF_RANGE: Error writing "step/0")'
   ours = record('/x/unclip_jax/train.py', logging.ERROR, exc_info)
   assert quiet.filter(ours) and ours.exc_info is exc_info
+
+
+def test_an_error_that_ends_a_command_is_one_line_or_with_verbose_its_traceback(monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from unclip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_verbose_flag()
+  error = workdir_lib.WorkdirLockedError('runs/x is in use by another trainer')
+  with pytest.raises(SystemExit, match=r'^Error: runs/x is in use by another trainer$'):
+    cli.exit_on(error)
+  monkeypatch.setattr(flags.FLAGS['verbose'], 'value', True)
+  with pytest.raises(workdir_lib.WorkdirLockedError):
+    cli.exit_on(error)
+  assert cli.QuietLibraries(keep_tracebacks=cli.verbose()).keep_tracebacks
 
 
 def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):

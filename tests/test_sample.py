@@ -12,13 +12,14 @@ from PIL import Image
 
 from unclip_jax import pipeline as pipeline_lib
 from unclip_jax import sample
+from tests import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sample(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS='--xla_backend_optimization_level=0' + xla_flags.fast_compile())
   return subprocess.run([sys.executable, '-m', 'unclip_jax.sample', *args], cwd=REPO, env=env,
                         capture_output=True, timeout=timeout, check=False)
 

@@ -1,19 +1,16 @@
 """The trainer: sharding, the compiled step, EMA, the non-finite guard, accumulation, resuming."""
 
 import glob
-import logging
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from unclip_jax import config_lib
 from unclip_jax import stages
 from unclip_jax import train
 
@@ -142,7 +139,7 @@ def _restore_state(workdir, step):
                                                          'state'))
 
 
-def test_resume_matches_uninterrupted_run(make_tiny_clip_config, tmp_path, caplog):
+def test_resume_matches_uninterrupted_run(make_tiny_clip_config, tmp_path):
   config = make_tiny_clip_config(**{'num_train_steps': 8, 'checkpoint.every_steps': 0})
   whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
   train.train_and_evaluate(config, whole)
@@ -162,28 +159,6 @@ def test_resume_matches_uninterrupted_run(make_tiny_clip_config, tmp_path, caplo
   assert glob.glob(os.path.join(resumed, 'events.out.tfevents.*'))
   assert os.path.exists(os.path.join(resumed, 'export', 'config.json'))
 
-  # A damaged latest checkpoint: one warning naming it, moved aside (not deleted), and the run
-  # resumes from the newest intact one (step 3), reaching the same state as from step 8.
-  def damage(step):
-    for f in glob.glob(os.path.join(resumed, 'checkpoints', str(step), 'state', '**', '*'),
-                       recursive=True):
-      if os.path.isfile(f):
-        with open(f, 'wb') as fh:
-          fh.write(b'garbage')
-  damage(8)
-  with caplog.at_level(logging.WARNING):
-    train.train_and_evaluate(config, resumed)
-  assert 'Checkpoint step 8 in' in caplog.text and 'is damaged' in caplog.text
-  assert os.path.isdir(os.path.join(resumed, 'checkpoints_damaged', '8', 'state'))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(_restore_state(resumed, 8))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # None intact: one clear error, and nothing moved.
-  for step in os.listdir(os.path.join(resumed, 'checkpoints')):
-    damage(step)
-  config.num_train_steps = 12
-  with pytest.raises(RuntimeError, match=r'no checkpoint in .* can be restored \(steps \[8, 3\]\)'):
-    train.train_and_evaluate(config, resumed)
-  assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['3', '8']
 
 
 def test_global_batch_assembly():

@@ -6,6 +6,30 @@ import sys
 from absl import flags
 
 
+def define_verbose_flag():
+  if 'verbose' not in flags.FLAGS:
+    flags.DEFINE_bool('verbose', False, 'Show the full traceback of an error that ends the '
+                      'command (by default one line) and the libraries\' tracebacks in the log.')
+
+
+def verbose() -> bool:
+  return 'verbose' in flags.FLAGS and bool(flags.FLAGS['verbose'].value)
+
+
+def exit_on(error: BaseException, prefix: str = 'Error'):
+  """Ends the command with `error` in one line (exit status 1), or, with `--verbose`, re-raises
+  it with its traceback."""
+  if verbose():
+    raise error
+  sys.exit(f'{prefix}: {error}')
+
+
+def quiet_logging():
+  """The log filter every command installs (none of its effects with `--verbose`)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(QuietLibraries(keep_tracebacks=verbose()))
+
+
 class QuietLibraries:
   """A logging filter that drops INFO-level chatter from orbax/tfds/grain/jax; warnings and
   errors still pass, an error without its traceback: the libraries log one for every thread
@@ -13,12 +37,15 @@ class QuietLibraries:
   reports it once."""
   NOISY = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/jax/_src/')
 
+  def __init__(self, keep_tracebacks: bool = False):
+    self.keep_tracebacks = keep_tracebacks
+
   def filter(self, record) -> bool:
     if not any(n in record.pathname for n in self.NOISY):
       return True
     if record.levelno <= 20:
       return False
-    if record.exc_info and record.exc_info[1] is not None:
+    if record.exc_info and record.exc_info[1] is not None and not self.keep_tracebacks:
       error = record.exc_info[1]
       first = (str(error).strip().splitlines() or [''])[0][:300]
       record.msg, record.args = f'{record.getMessage()} ({type(error).__name__}: {first})', None

@@ -21,13 +21,14 @@ flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.
                     'already holds a checkpoint.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host: '
                   'TPU pods and SLURM/GPU clusters are detected automatically).')
+cli.define_verbose_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  cli.quiet_logging()
   import jax  # pylint: disable=g-import-not-at-top
   from unclip_jax import config_lib, train  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
@@ -41,7 +42,7 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.RUN_ERRORS as e:
-    sys.exit(f'Error: {e}')
+    cli.exit_on(e)
 
 
 def run():

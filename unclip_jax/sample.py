@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command line's flags (defined on use, so that importing this module defines none)."""
+  cli.define_verbose_flag()
   flags.DEFINE_string('run', None, 'Run directory of unclip_jax.train_all (clip/, prior/, '
                       'decoder/, upsampler*/).')
   flags.DEFINE_string('clip', None, 'CLIP run or export (default: the one the prior was '
@@ -134,9 +135,7 @@ def write(out_dir: str, images, captions: list[str], info: dict):
 
 
 def main(argv):
-  logging_filter = cli.QuietLibraries()
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(logging_filter)
+  cli.quiet_logging()
   from unclip_jax.pipeline import PromptError  # pylint: disable=g-import-not-at-top
   args = argv[1:]
   modes = sum(bool(x) for x in (args or FLAGS.prompts_file, FLAGS.variations, FLAGS.interpolate))
@@ -170,9 +169,9 @@ def main(argv):
       captions = [f'frame {i + 1}' for i in range(FLAGS.num)]
       info['images'] = FLAGS.interpolate
   except PromptError as e:
-    sys.exit(f'Bad prompt: {e}')
+    cli.exit_on(e, 'Bad prompt')
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'Error: {e}')
+    cli.exit_on(e)
   info['seconds'] = {k: round(v, 2) for k, v in seconds.items()}
   write(FLAGS.out, images, captions, info)
   print(f'wrote {len(images)} images and contact_sheet.png to {FLAGS.out}')

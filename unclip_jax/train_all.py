@@ -35,6 +35,7 @@ def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Job config, e.g. configs/unclip.py:tiny.',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory of the whole system.')
+  cli.define_verbose_flag()
   flags.mark_flags_as_required(['config', 'workdir'])
 
 STAGES = ('clip', 'prior', 'decoder', 'upsampler')
@@ -407,7 +408,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  cli.quiet_logging()
   try:
     for name in STAGES:
       config_lib.validate(FLAGS.config[name], jax.device_count(), jax.process_count())
@@ -419,7 +420,7 @@ def main(argv):
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (*train.RUN_ERRORS, StaleStageError) as e:
-    sys.exit(f'Error: {e}')
+    cli.exit_on(e)
 
 
 def run_cli():

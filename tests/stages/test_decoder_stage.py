@@ -108,12 +108,12 @@ def test_large_presets_build(data_dir, preset, low, high):
 @pytest.mark.slow
 def test_tiny_decoder_reconstructs_what_it_is_given(decoder_run):
   """configs/decoder.py:tiny on the frozen tiny CLIP, from the command line, shortened (16px,
-  200 steps, on the job's shards): held-out images' CLIP embeddings decoded and embedded again
+  160 steps, on the job's shards): held-out images' CLIP embeddings decoded and embedded again
   are near the embedding they came from, and far from other images' (the cosine between
   different held-out images' embeddings); a decoding finds its own source among 32."""
   workdir, metrics = decoder_run
   print(metrics)
-  # Measured: cosine 0.71 (other images' 0.00), own source found first for 0.66 (chance 1/32).
+  # Measured: cosine 0.66 (other images' 0.00), own source found first for 0.50 (chance 1/32).
   assert metrics['reconstruction_cosine'] > metrics['reconstruction_cosine_other_images'] + 0.4
   assert metrics['reconstruction_retrieval@1'] > 0.3
   stage, params = decoder_stage.load_decoder(workdir)

@@ -30,7 +30,8 @@ def test_degradation_is_applied_in_training_only(stage, params, monkeypatch):
   monkeypatch.setattr(degradations, 'degrade',
                       lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
   (batch,) = helpers.take_batches(stage, stage.config, 1)
-  loss, metrics = stage.loss(params, batch, jax.random.PRNGKey(0), {})
+  arrays = {k: batch[k] for k in stage.batch_spec(len(batch['image']))}
+  loss, metrics = jax.jit(stage.loss)(params, arrays, jax.random.PRNGKey(0), {})  # traced once
   assert np.isfinite(loss) and set(metrics) == {'mse', 'vb'}
   assert calls == ['blur']
   low = upsampler_stage.downsample(jnp.asarray(batch['image']), stage.low_res)

@@ -15,7 +15,6 @@ import logging
 import os
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -16,7 +16,6 @@ import functools
 import os
 from typing import Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
