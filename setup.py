@@ -32,6 +32,7 @@ setup(
         'pyarrow>=14',            # parquet sources and manifests
         'msgpack>=1.0',           # prepared array_record shards
         'tqdm>=4.60',
+        'matplotlib>=3.7',        # unclip-evaluate's guidance trade-off curves
         'scipy>=1.10',
         'tokenizers>=0.20',
         'numpy>=1.26',
@@ -39,8 +40,9 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'ftfy', 'regex'],
-        # Converters and parity tests against PyTorch references. open-clip-torch is installed
-        # separately with --no-deps (its torchvision requirement would replace this torch).
+        # Converters and parity tests against PyTorch references. open-clip-torch and
+        # torch-fidelity are installed separately with --no-deps (their torchvision requirement
+        # would replace this torch).
         'torch': ['torch>=2.4', 'transformers>=4.45', 'diffusers>=0.30', 'ftfy', 'regex'],
     },
     entry_points={
@@ -49,6 +51,7 @@ setup(
             'unclip-train-all=unclip_jax.train_all:run_cli',
             'unclip-sample=unclip_jax.sample:run',
             'unclip-embed=unclip_jax.embed:run',
+            'unclip-evaluate=unclip_jax.evaluate:run',
         ],
     },
 )

@@ -11,7 +11,7 @@ if [ "${1:-}" = "--test" ]; then
   # The CPU build of torch first, so that the extras' torch requirement is already satisfied.
   .venv/bin/python -m pip install -q 'torch==2.13.0'
   .venv/bin/python -m pip install -q -e '.[test,torch]'
-  .venv/bin/python -m pip install -q --no-deps 'open-clip-torch>=2.20'
+  .venv/bin/python -m pip install -q --no-deps 'open-clip-torch>=2.20' 'torch-fidelity>=0.3'
 else
   .venv/bin/python -m pip install -q -e .
 fi

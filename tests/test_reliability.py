@@ -360,6 +360,9 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
 @pytest.mark.parametrize('module,expected', [
     ('unclip_jax.sample', ('--prior: Prior run or export.', '--decoder_steps: decoder respaced')),
     ('unclip_jax.train_all', ('--config: Job config', '--workdir: Run directory')),
+    ('unclip_jax.evaluate', ('Evaluate generation as the field does',
+                             '--inception: PyTorch weights of the FID Inception',
+                             '--reference: FID statistics')),
 ])
 def test_help_lists_the_commands_own_flags(module, expected, tmp_path):
   result = subprocess.run([sys.executable, '-m', module, '--help'], cwd=tmp_path,

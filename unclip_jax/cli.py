@@ -85,6 +85,9 @@ def command_help(argv0: str) -> str:
   # The command's module: `unclip_jax.…` for a console script, its file's path under `-m`
   # (libraries' own flags, e.g. grain's or orbax's, stay in --helpfull).
   ours = [m for m in by_module if m.startswith('unclip_jax') or m.endswith('.py')]
+  # The command's own module first (its doc is the help's), the shared flags (this module's:
+  # --verbose) last.
+  ours.sort(key=lambda m: m == __name__)
   doc = ''
   for name in ours:
     # A module run with `python -m` is registered under its file's path.
