@@ -264,15 +264,24 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
     multihost.barrier(f'evaluate_{setting_name(prior, decoder)}')
     if not _is_main():
       continue
-    generated = read_batches(directory, num, batch_size)
-    result = {'setting': setting_name(prior, decoder), 'prior_guidance': prior,
-              'decoder_guidance': decoder,
-              **score(generated, ref_stats, ref_features, kid_subset_size)}
+    # A setting scored before (a resumed run) is not scored again: its metrics.json records
+    # what it was scored against.
+    metrics_path = os.path.join(directory, 'metrics.json')
+    against = {'num': num, 'batch_size': batch_size, 'seed': seed, 'captions': captions,
+               'reference': reference, 'inception': os.path.abspath(inception_path)}
+    result = _read_json(metrics_path)
+    if result is None or result.get('against') != against:
+      generated = read_batches(directory, num, batch_size)
+      result = {'setting': setting_name(prior, decoder), 'prior_guidance': prior,
+                'decoder_guidance': decoder,
+                **score(generated, ref_stats, ref_features, kid_subset_size), 'against': against}
+      shown = min(16, len(prompts))
+      images_lib.save_with_sheet(generated['images'][:shown] / 127.5 - 1.0, prompts[:shown],
+                                 os.path.join(directory, 'grid_images'),
+                                 os.path.join(directory, 'grid.png'), columns=4)
+      workdir_lib.atomic_write_json(metrics_path, result)
+    result = {k: v for k, v in result.items() if k != 'against'}
     settings.append(result)
-    shown = min(16, len(prompts))
-    images_lib.save_with_sheet(generated['images'][:shown] / 127.5 - 1.0, prompts[:shown],
-                               os.path.join(directory, 'grid_images'),
-                               os.path.join(directory, 'grid.png'), columns=4)
     logging.info('%s: FID %.2f, CLIP score %.2f (%d images)', result['setting'], result['fid'],
                  result['clip_score'], result['num_images'])
   report = {'run': os.path.abspath(run), 'captions': captions, 'reference': reference,
@@ -282,6 +291,13 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
       plot_curve(settings, os.path.join(out_dir, 'guidance_curve.png'))
     workdir_lib.atomic_write_json(os.path.join(out_dir, 'report.json'), report)
   return report
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
 
 
 def _batched_features(params, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -52,7 +52,7 @@ def test_evaluate_writes_the_report_grid_and_curve_and_resumes_after_a_kill(
   that batch again."""
   weights = _random_inception_weights(str(tmp_path / 'inception.safetensors'))
   out = str(tmp_path / 'eval')
-  calls, real = [], pipeline_lib.UnclipPipeline.text_to_image
+  calls, real, real_score = [], pipeline_lib.UnclipPipeline.text_to_image, evaluate.score
 
   def counted(self, prompts, **kwargs):
     calls.append(kwargs['decoder'].guidance_scale)
@@ -69,8 +69,10 @@ def test_evaluate_writes_the_report_grid_and_curve_and_resumes_after_a_kill(
   assert calls == [1.0, 3.0] and not os.path.exists(os.path.join(out, 'report.json'))
   calls.clear()
   kill_at = None
+  scored = []
+  monkeypatch.setattr(evaluate, 'score', lambda *a, **k: scored.append(1) or real_score(*a, **k))
   report = run()
-  assert calls == [3.0]                     # the first setting's batch was not redrawn
+  assert calls == [3.0] and len(scored) == 1   # the first setting was neither redrawn nor rescored
   assert [s['setting'] for s in report['settings']] == ['prior_default_decoder_1',
                                                         'prior_default_decoder_3']
   for s in report['settings']:
