@@ -151,7 +151,10 @@ def test_sampling_on_the_built_in_data_also_reads_the_images_with_the_pixel_chec
   config.sample.update(num_prompts=4, batch_size=4, grid_columns=2)
   report = train_all.sample_and_score(config, untrained_run)
   assert report['num_prompts'] == 4 and report['resolution'] == 32
-  assert set(report['generated']) >= {'color_accuracy', 'background_accuracy', 'shape_accuracy'}
+  assert set(report['generated']) >= {'color_accuracy', 'background_accuracy', 'shape_accuracy',
+                                      'size_accuracy', 'size_asked', 'position_accuracy',
+                                      'position_asked', 'all_accuracy'}
+  assert report['real']['size_accuracy'] >= 0.9 and report['real']['position_accuracy'] >= 0.9
   assert report['real']['color_accuracy'] >= 0.9     # the checker reads the dataset's own images
   assert sum(sum(c.values()) for c in report['generated_shapes'].values()) == 4
   readings = open(os.path.join(untrained_run, 'sample', 'readings.tsv')).read().splitlines()

@@ -333,9 +333,10 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   readings = None
   if sources.source_name(final.data) == 'shapes':
     from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
-    labels = {k: real[k] for k in ('color', 'background', 'shape')}
+    labels = {k: real[k] for k in ('color', 'background', 'shape', 'size', 'position')}
     readings = [shape_checker.analyze(image) for image in images]
-    report['generated'] = shape_checker.score_readings(readings, labels)
+    # Size and position only where the prompt asks for them.
+    report['generated'] = shape_checker.score_readings(readings, labels, prompts)
     report['real'] = shape_checker.score(real['image'], labels)
     report['generated_shapes'] = shape_checker.shape_confusion(readings, labels)
     scalars.update({**{f'generated/{k}': v for k, v in report['generated'].items()},
@@ -398,8 +399,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if 'generated' in sample:
     g, r = sample['generated'], sample['real']
     logging.info('Generated images read as prompted: shape colour %.2f, background %.2f, shape '
-                 '%.2f (dataset images: %.2f, %.2f, %.2f)',
-                 *(d[f'{k}_accuracy'] for d in (g, r) for k in ('color', 'background', 'shape')))
+                 '%.2f, size %.2f (of %d asking), position %.2f (of %d asking); dataset images: '
+                 '%.2f, %.2f, %.2f, %.2f, %.2f', g['color_accuracy'], g['background_accuracy'],
+                 g['shape_accuracy'], g['size_accuracy'], g['size_asked'],
+                 g['position_accuracy'], g['position_asked'],
+                 *(r[f'{k}_accuracy'] for k in ('color', 'background', 'shape', 'size',
+                                                'position')))
   return report
 
 

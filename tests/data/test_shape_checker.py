@@ -16,7 +16,8 @@ from unclip_jax.data import shape_checker
 def _examples(resolution, n=300):
   examples = [cs.generate_example(0, 'test', i, resolution) for i in range(n)]
   images = np.stack([e['image'] for e in examples])
-  labels = {k: np.array([e[k] for e in examples]) for k in ('color', 'background', 'shape')}
+  labels = {k: np.array([e[k] for e in examples])
+            for k in ('color', 'background', 'shape', 'size', 'position')}
   return images, labels
 
 
@@ -28,6 +29,7 @@ def test_real_images(resolution):
   assert scores['background_accuracy'] == 1.0
   assert scores['color_accuracy'] >= 0.99
   assert scores['shape_accuracy'] >= 0.99
+  assert scores['size_accuracy'] >= 0.99 and scores['position_accuracy'] == 1.0
   confusion = shape_checker.shape_confusion(readings, labels)
   assert list(confusion) == list(cs.SHAPES)
   assert sum(sum(c.values()) for c in confusion.values()) == len(images)
@@ -60,6 +62,7 @@ def test_shapes_of_noisy_images():
   scores = shape_checker.score(noisy, labels)
   assert scores['background_accuracy'] == 1.0 and scores['color_accuracy'] >= 0.99
   assert scores['shape_accuracy'] >= 0.9
+  assert scores['size_accuracy'] >= 0.95 and scores['position_accuracy'] >= 0.99
 
 
 def test_shape_coverage_is_what_render_draws():
@@ -113,20 +116,24 @@ def _degraded_outlines(n, rng, resolution=64):
     fg = np.array(cs.COLORS[cs.ATTRIBUTES['color'][attrs['color']]], np.float32)
     bg = np.array(cs.COLORS[cs.ATTRIBUTES['background'][attrs['background']]], np.float32)
     images.append(np.clip(bg + coverage[..., None] * (fg - bg), 0, 255).round().astype(np.uint8))
-    shapes.append(attrs['shape'])
-  return np.stack(images), np.array(shapes)
+    shapes.append(attrs)
+  return np.stack(images), {k: np.array([a[k] for a in shapes]) for k in shapes[0]}
 
 
 def test_shapes_with_rounded_corners_and_wavy_edges():
   """A generator's flaws must not change the class of a shape that stays recognisable (measured:
   all circles, squares, triangles and crosses; 0.79 of the stars, whose thin points the rounding
   eats)."""
-  images, shapes = _degraded_outlines(150, np.random.default_rng(0))
-  read = [shape_checker.analyze(image)['shape'] for image in images]
-  hits = np.array([r == cs.SHAPES[s] for r, s in zip(read, shapes)])
+  images, labels = _degraded_outlines(150, np.random.default_rng(0))
+  readings = [shape_checker.analyze(image) for image in images]
+  shapes = labels['shape']
+  hits = np.array([r['shape'] == cs.SHAPES[s] for r, s in zip(readings, shapes)])
   not_star = shapes != cs.SHAPES.index('star')
   assert not_star.sum() >= 100 and hits[not_star].mean() >= 0.98, hits[not_star].mean()
   assert hits.mean() >= 0.9, hits.mean()
+  # Their size and position are read as drawn (measured: size 0.99, position 1.00).
+  scores = shape_checker.score_readings(readings, labels)
+  assert scores['size_accuracy'] >= 0.95 and scores['position_accuracy'] >= 0.98, scores
 
 
 def test_a_stray_speck_does_not_stretch_the_shape():
@@ -167,3 +174,37 @@ def test_non_square_images_are_refused():
   image = cs.render(cs.sample_attributes(np.random.default_rng(0)), 32, np.random.default_rng(0))
   with pytest.raises(ValueError, match='square images'):
     shape_checker.analyze(np.concatenate([image, image], axis=1))
+
+
+def test_captions_say_when_they_ask_for_a_size_or_position():
+  """`mentions` finds a caption's own size word and position phrase ('in the middle' is the
+  center) and never another's; about half the captions name each."""
+  examples = [cs.generate_example(0, 'train', i, 16) for i in range(400)]
+  for attribute, names in (('size', cs.SIZES), ('position', cs.POSITIONS)):
+    asked = [cs.mentions(e['caption'], attribute, e[attribute]) for e in examples]
+    assert 0.2 < np.mean(asked) < 0.8, (attribute, np.mean(asked))
+    for e in examples:
+      others = [i for i in range(len(names)) if i != e[attribute]]
+      assert not any(cs.mentions(e['caption'], attribute, i) for i in others), e['caption']
+  assert cs.mentions('a red circle in the middle, blue background', 'position',
+                     cs.POSITIONS.index('center'))
+  assert not cs.mentions('a red circle on a blue background', 'size', 0)
+  with pytest.raises(ValueError, match='always name the shape'):
+    cs.mentions('a red circle', 'shape', 0)
+
+
+def test_size_and_position_count_only_where_the_prompt_asks():
+  labels = {'color': np.array([0, 0]), 'background': np.array([1, 1]), 'shape': np.array([0, 0]),
+            'size': np.array([0, 2]), 'position': np.array([4, 0])}
+  names = lambda i: dict(color=cs.ATTRIBUTES['color'][0], background=cs.ATTRIBUTES['color'][1],
+                         shape=cs.SHAPES[0], size=cs.SIZES[i], position=cs.POSITIONS[4])
+  readings = [names(0), dict(names(0), position='top left')]   # 2nd: wrong size and position
+  prompts = [f'a small {cs.ATTRIBUTES["color"][0]} {cs.SHAPES[0]} in the center',
+             f'a {cs.ATTRIBUTES["color"][0]} {cs.SHAPES[0]} on a blue background']
+  scores = shape_checker.score_readings(readings, labels, prompts)
+  # Only the first prompt asks for a size and a position, and its image has both right; the
+  # second image's wrong size and position were not asked for.
+  assert (scores['size_asked'], scores['position_asked']) == (1, 1)
+  assert scores['size_accuracy'] == scores['position_accuracy'] == scores['all_accuracy'] == 1.0
+  unprompted = shape_checker.score_readings(readings, labels)
+  assert unprompted['size_accuracy'] == 0.5 and unprompted['all_accuracy'] == 0.5

@@ -254,6 +254,20 @@ def _position_phrase(position: str, rng: np.random.Generator) -> str:
   return str(rng.choice(phrases)).format(p=position)
 
 
+def mentions(text: str, attribute: str, index: int) -> bool:
+  """Whether a caption asks for its scene's size or position (captions name them only
+  sometimes): the size word, or one of the position's phrases."""
+  text = ' '.join(_WORD_RE.findall(text.lower()))
+  if attribute == 'size':
+    return re.search(rf'\b{SIZES[index]}\b', text) is not None
+  if attribute == 'position':
+    position = POSITIONS[index]
+    # 'at the bottom' is the bottom edge, not the start of 'at the bottom right'.
+    return any(re.search(rf'\b{re.escape(phrase.format(p=position))}\b(?! (left|right)\b)',
+                         text) for phrase in _EDGE_PHRASES.get(position, _CORNER_PHRASES))
+  raise ValueError(f'captions always name the {attribute}; mentions() reads size and position')
+
+
 def fix_articles(text: str) -> str:
   """'a orange ...' → 'an orange ...'."""
   return re.sub(r'\ba (?=[aeiou])', 'an ', text)

@@ -1,10 +1,11 @@
 """An independent, pixel-based judge of captioned_shapes images (no learned model).
 
 Given an image, it estimates the background colour (the border's median), the shape's colour (the
-median of the pixels far from the background) and the shape. Colours snap to the dataset's own
-palette (`captioned_shapes.COLORS`). The shape is the one whose outline, drawn by the dataset's
-own renderer (`captioned_shapes.shape_coverage`) at the region's measured position and size, best
-overlaps the image's coverage map (anti-aliased edges counted fractionally; soft IoU over a few
+median of the pixels far from the background), the shape, and its size and position (the
+nearest of the dataset's box sides and 3x3 grid cells to the fitted outline's). Colours snap to
+the dataset's own palette (`captioned_shapes.COLORS`). The shape is the one whose outline, drawn
+by the dataset's own renderer (`captioned_shapes.shape_coverage`) at the region's measured
+position and size, best overlaps the image's coverage map (anti-aliased edges counted fractionally; soft IoU over a few
 sizes and sub-pixel offsets). Whole outlines, not summary features such as the bounding box's fill
 ratio, so that a generated shape's imperfections (rounded corners, wavy edges, blur) do not move
 it to another class: a square with soft corners fills less of its box, as a circle does, but it
@@ -74,24 +75,31 @@ def analyze(image: np.ndarray) -> dict:
   Args:
     image: [H, W, 3], uint8 or float in [-1, 1].
   Returns:
-    {'background', 'color', 'shape': names (shape/color None if no shape is visible),
-     'fill_ratio': the shape's coverage over its bounding box's area,
-     'shape_iou': how well the read shape's outline fits (soft IoU, 0 if none)}.
+    {'background', 'color', 'shape', 'size', 'position': names (all but the background None
+     if no shape is visible; size and position are read whether or not the outline fits a
+     shape), 'fill_ratio': the shape's coverage over its bounding box's area, 'shape_iou': how
+     well the read shape's outline fits (soft IoU, 0 if none)}.
   """
   img = to_uint8_range(image)
   bg, fg, coverage, width, height = _measure(img)
-  result = {'background': nearest_color(bg), 'color': None, 'shape': None, 'fill_ratio': 0.0,
-            'shape_iou': 0.0}
+  result = {'background': nearest_color(bg), 'color': None, 'shape': None, 'size': None,
+            'position': None, 'fill_ratio': 0.0, 'shape_iou': 0.0}
   if fg is None:
     return result
   result['color'] = nearest_color(fg)
   if coverage is None:
     return result
   result['fill_ratio'] = float(coverage.sum() / (width * height))
-  fits = shape_fits(coverage)
-  best = max(fits, key=fits.get)
-  if fits[best] >= MIN_IOU:
-    result['shape'], result['shape_iou'] = best, float(fits[best])
+  fits = _fit_outlines(coverage)
+  best = max(fits, key=lambda shape: fits[shape][0])
+  iou, side, cx, cy = fits[best]
+  if iou >= MIN_IOU:
+    result['shape'], result['shape_iou'] = best, float(iou)
+    # The fitted outline's box side and centre: exact for any shape, where the region's own
+    # extents under-read thin points (a star's) and rounded corners.
+    result['size'], result['position'] = _size_word(side), _position_word(cx, cy)
+  else:
+    result['size'], result['position'] = size_and_position(coverage)
   return result
 
 
@@ -128,6 +136,12 @@ def shape_fits(coverage: np.ndarray) -> dict[str, float]:
   keeps a generated square with slightly rounded corners or a wavy edge a square: its fill ratio
   falls towards a circle's, but it still overlaps a square's outline far better than a circle's.
   """
+  return {shape: fit[0] for shape, fit in _fit_outlines(coverage).items()}
+
+
+def _fit_outlines(coverage: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
+  """`shape_fits`, with each shape's best outline: {shape: (soft IoU, box side, centre x,
+  centre y)}, the last three as fractions of the image side."""
   coverage = np.asarray(coverage, np.float32)
   if coverage.ndim != 2 or coverage.shape[0] != coverage.shape[1]:
     raise ValueError(f'shape_checker reads square images (as the dataset draws them); got '
@@ -137,7 +151,7 @@ def shape_fits(coverage: np.ndarray) -> dict[str, float]:
   rows = np.nonzero(coverage.max(axis=1) > 0.5)[0]
   cols = np.nonzero(coverage.max(axis=0) > 0.5)[0]
   if max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 > MAX_EXTENT * res:
-    return dict.fromkeys(captioned_shapes.SHAPES, 0.0)
+    return dict.fromkeys(captioned_shapes.SHAPES, (0.0, 0.0, 0.5, 0.5))
   cy, cx = (rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2
   width, height = float(coverage.max(axis=0).sum()), float(coverage.max(axis=1).sum())
   sides = {shape: (width + height / _aspect(shape)) / 2 for shape in captioned_shapes.SHAPES}
@@ -157,8 +171,38 @@ def shape_fits(coverage: np.ndarray) -> dict[str, float]:
                                                  side * k / res, res, window)
     iou = (np.minimum(templates, region).sum((1, 2)) /
            np.maximum(templates, region).sum((1, 2)))
-    fits[shape] = float(iou.max())
+    i = int(np.argmax(iou))
+    fits[shape] = (float(iou[i]), side * k[i] / res, (cx + dx[i]) / res, (cy + dy[i]) / res)
   return fits
+
+
+# The dataset's definitions: the box side as a fraction of the image side, and the centre's
+# 3x3 grid coordinates (every shape's box is as wide as its side; its bounding box is centred
+# on the centre the dataset draws it at).
+_SIZE_FRACTIONS = np.array([captioned_shapes.SIZE_FRACTIONS[s] for s in captioned_shapes.SIZES])
+_GRID = np.array(captioned_shapes._GRID)  # pylint: disable=protected-access
+
+
+def _size_word(side: float) -> str:
+  return captioned_shapes.SIZES[int(np.argmin(np.abs(_SIZE_FRACTIONS - side)))]
+
+
+def _position_word(cx: float, cy: float) -> str:
+  row, col = int(np.argmin(np.abs(_GRID - cy))), int(np.argmin(np.abs(_GRID - cx)))
+  return captioned_shapes.POSITIONS[3 * row + col]
+
+
+def size_and_position(coverage: np.ndarray) -> tuple[str, str]:
+  """The size and position words of the largest region of a coverage map [H, W] that fits no
+  shape: the nearest of the dataset's box sides to the region's (sub-pixel) width, and the
+  nearest 3x3 grid cell to its bounding box's centre."""
+  coverage = _main_region(np.asarray(coverage, np.float32))
+  res = coverage.shape[1]
+  rows = np.nonzero(coverage.max(axis=1) > 0.5)[0]
+  cols = np.nonzero(coverage.max(axis=0) > 0.5)[0]
+  cy = (rows.min() + rows.max() + 1) / 2 / coverage.shape[0]
+  cx = (cols.min() + cols.max() + 1) / 2 / res
+  return _size_word(float(coverage.max(axis=0).sum()) / res), _position_word(cx, cy)
 
 
 @functools.cache
@@ -174,18 +218,35 @@ def score(images: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, float]
 
   Args:
     images: [N, H, W, 3] (uint8 or float in [-1, 1]).
-    labels: integer arrays [N] for 'color', 'background' and 'shape' (dataset indices).
+    labels: integer arrays [N] for 'color', 'background' and 'shape' (dataset indices), and
+      optionally 'size' and 'position'.
   Returns:
-    {'color_accuracy', 'background_accuracy', 'shape_accuracy', 'all_accuracy'}.
+    {'ATTRIBUTE_accuracy' for each attribute labelled, 'all_accuracy': every one right}.
   """
   return score_readings([analyze(image) for image in images], labels)
 
 
-def score_readings(readings: list[dict], labels: dict[str, np.ndarray]) -> dict[str, float]:
-  """`score` from readings already made by `analyze`."""
+def score_readings(readings: list[dict], labels: dict[str, np.ndarray],
+                   captions=None) -> dict[str, float]:
+  """`score` from readings already made by `analyze`. With the images' `captions` (generated
+  images: the prompts), size and position count only where the caption asks for them
+  (`captioned_shapes.mentions`; their counts as `size_asked` / `position_asked`), and
+  `all_accuracy` is every attribute asked for right."""
   hits = _hits(readings, labels)
-  out = {f'{k}_accuracy': float(np.mean(v)) for k, v in hits.items()}
-  out['all_accuracy'] = float(np.mean(np.all([hits[k] for k in hits], axis=0)))
+  asked = {k: np.ones(len(readings), bool) for k in hits}
+  if captions is not None:
+    for k in ('size', 'position'):
+      if k in hits:
+        asked[k] = np.array([captioned_shapes.mentions(str(c), k, int(labels[k][i]))
+                             for i, c in enumerate(captions)], bool)
+  out = {}
+  for k, v in hits.items():
+    v = np.asarray(v, bool)
+    out[f'{k}_accuracy'] = float(v[asked[k]].mean()) if asked[k].any() else float('nan')
+    if captions is not None and k in ('size', 'position'):
+      out[f'{k}_asked'] = int(asked[k].sum())
+  right = np.all([np.asarray(hits[k], bool) | ~asked[k] for k in hits], axis=0)
+  out['all_accuracy'] = float(np.mean(right))
   return out
 
 
@@ -205,4 +266,4 @@ def _hits(readings: list[dict], labels: dict[str, np.ndarray]) -> dict[str, list
   if len(readings) != len(labels['shape']):
     raise ValueError(f'{len(readings)} images but {len(labels["shape"])} labels')
   return {k: [r[k] == names[k][int(labels[k][i])] for i, r in enumerate(readings)]
-          for k in ('color', 'background', 'shape')}
+          for k in ('color', 'background', 'shape', 'size', 'position') if k in labels}
