@@ -1,15 +1,15 @@
 """An independent, pixel-based judge of captioned_shapes images (no learned model).
 
 Given an image, it estimates the background colour (the border's median), the shape's colour (the
-median of the pixels far from the background), the shape, and its size and position (the
-nearest of the dataset's box sides and 3x3 grid cells to the fitted outline's). Colours snap to
-the dataset's own palette (`captioned_shapes.COLORS`). The shape is the one whose outline, drawn
-by the dataset's own renderer (`captioned_shapes.shape_coverage`) at the region's measured
-position and size, best overlaps the image's coverage map (anti-aliased edges counted fractionally; soft IoU over a few
+median of the pixels far from the background), the shape, and its size and position (the nearest of
+the dataset's box sides and 3x3 grid cells to the fitted outline's). Colours snap to the dataset's
+own palette (`captioned_shapes.COLORS`). The shape is the one whose outline, drawn by the dataset's
+own renderer (`captioned_shapes.shape_coverage`) at the region's measured position and size, best
+overlaps the image's coverage map (anti-aliased edges counted fractionally; soft IoU over a few
 sizes and sub-pixel offsets). Whole outlines, not summary features such as the bounding box's fill
-ratio, so that a generated shape's imperfections (rounded corners, wavy edges, blur) do not move
-it to another class: a square with soft corners fills less of its box, as a circle does, but it
-still fits a square's outline far better than a circle's.
+ratio, so that a generated shape's imperfections (rounded corners, wavy edges, blur) do not move it
+to another class: a square with soft corners fills less of its box, as a circle does, but it still
+fits a square's outline far better than a circle's.
 
 Used to score generated images against their prompts. Validated on real dataset images (all read
 right at 32 and 64px), on real outlines degraded as a generator's are, and on 96 generated images
