@@ -60,6 +60,10 @@ def test_evaluate_writes_the_report_grid_and_curve_and_resumes_after_a_kill(
       raise KeyboardInterrupt('killed')
     return real(self, prompts, **kwargs)
   monkeypatch.setattr(pipeline_lib.UnclipPipeline, 'text_to_image', counted)
+  # Both calls on one pipeline object, so that the second reuses its compiled stages (a
+  # restarted process compiles them again; nothing else differs).
+  pipe = pipeline_lib.UnclipPipeline.from_run(untrained_run)
+  monkeypatch.setattr(pipeline_lib.UnclipPipeline, 'from_run', lambda root: pipe)
   run = lambda: evaluate.evaluate(untrained_run, weights, out, num=8, batch_size=8,
                                   decoder_guidance=['1', '3'], kid_subset_size=8,
                                   progress=False)
