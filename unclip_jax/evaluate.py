@@ -89,14 +89,10 @@ def read_captions(spec: str, num: int, run: Optional[str] = None,
 
 def _final_data_config(run: str):
   """The data config of the run's last stage (the one whose images the chain outputs)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
   for name in ('upsampler', 'decoder'):
     if os.path.isdir(os.path.join(run, name)):
-      path = os.path.join(export.export_dir(os.path.join(run, name)), 'config.json')
-      with open(path, encoding='utf-8') as f:
-        config = ml_collections.ConfigDict(json.load(f))
-      return config.data
+      return export.load_config(os.path.join(run, name), name).data
   raise ValueError(f'{run} holds no decoder or upsampler run')
 
 
@@ -143,6 +139,7 @@ def generate_batches(pipe, captions: Sequence[str], directory: str, *, batch_siz
                      process_index: int = 0, process_count: int = 1, progress: bool = True):
   """Generates this process's batches that `directory` does not hold yet; each is written as
   batch_NNNNN.npz (uint8 images, Inception features, CLIP scores) through a temporary file."""
+  from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
@@ -166,17 +163,14 @@ def generate_batches(pipe, captions: Sequence[str], directory: str, *, batch_siz
                                  np.asarray(out.text_embeddings[:real]))
     path = _batch_path(directory, k)
     tmp = f'{path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, images=_to_uint8(images), features=features_fn(images), clip_scores=scores,
+    np.savez(tmp, images=images_lib.to_uint8(images), features=features_fn(images),
+             clip_scores=scores,
              captions=np.asarray(chunk[:real], object))
     os.replace(tmp, path)
 
 
 def _batch_path(directory: str, k: int) -> str:
   return os.path.join(directory, f'batch_{k:05d}.npz')
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((np.asarray(images) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def read_batches(directory: str, n: int, batch_size: int) -> dict:
@@ -303,17 +297,12 @@ def _read_json(path: str):
 def _batched_features(params, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
   """Pool features of images in [-1, 1] (or uint8), in fixed-size batches (one compile)."""
   from unclip_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
   images = np.asarray(images)
   if images.dtype == np.uint8:
     images = images.astype(np.float32) / 127.5 - 1.0
-  out = []
-  for i in range(0, len(images), batch_size):
-    chunk = images[i:i + batch_size]
-    pad = batch_size - len(chunk) if len(images) > batch_size else 0
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-    out.append(inception.pool_features(params, chunk)[:len(chunk) - pad])
-  return np.concatenate(out)
+  return clip_stage.batched(lambda x: inception.pool_features(params, x), images,
+                            min(batch_size, len(images)))
 
 
 def main(argv):

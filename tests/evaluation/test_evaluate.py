@@ -4,6 +4,7 @@ run's held-out images, CLIP score, per guidance setting; resumable; report, grid
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,30 +19,17 @@ def _random_inception_weights(path):
   random batch-norm statistics), saved as safetensors."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  state = {}
 
-  def walk(tree, path_):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, path_ + (key,))
-        continue
-      name = '.'.join(path_)
-      if path_[-1] == 'fc':
-        shape = value.shape[::-1] if key == 'kernel' else value.shape
-        state[f'fc.{"weight" if key == "kernel" else "bias"}'] = (
-            0.01 * rng.normal(size=shape)).astype(np.float32)
-      elif key == 'kernel':
-        h, w, i, o = value.shape
-        state[f'{name}.conv.weight'] = (rng.normal(size=(o, i, h, w))
-                                        * np.sqrt(2 / (h * w * i))).astype(np.float32)
-      else:
-        torch_key = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                     'var': 'running_var'}[key]
-        base = {'scale': 1.0, 'bias': 0.0, 'mean': 0.0, 'var': 1.0}[key]
-        state[f'{name}.bn.{torch_key}'] = (base + 0.1 * rng.uniform(
-            0 if key == 'var' else -1, 1, size=value.shape)).astype(np.float32)
-  walk(inception.abstract_params(), ())
-  save_file(state, path)
+  def draw(path_, leaf):
+    key = str(path_[-1].key)
+    if key == 'kernel' and len(leaf.shape) == 2:          # the classifier
+      return 0.01 * rng.normal(size=leaf.shape)
+    if key == 'kernel':                                   # HWIO
+      return rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:3]))
+    base = {'scale': 1.0, 'bias': 0.0, 'mean': 0.0, 'var': 1.0}[key]
+    return base + 0.1 * rng.uniform(0 if key == 'var' else -1, 1, size=leaf.shape)
+  params = jax.tree_util.tree_map_with_path(draw, inception.abstract_params())
+  save_file(inception.state_dict_from_params(params), path)
   return path
 
 

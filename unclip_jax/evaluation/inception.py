@@ -199,6 +199,45 @@ def abstract_params():
       jax.random.PRNGKey(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)), logits=True))['params']
 
 
+# Our parameter (module path, leaf) ↔ the PyTorch tensor of pytorch-fid's / torch-fidelity's
+# layout: convolutions OIHW ↔ HWIO, the classifier's weight transposed, batch norm's four.
+_BN_NAMES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+def _leaves(tree, path=()):
+  """(module path, leaf name, value) of every parameter."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, path + (key,))
+    else:
+      yield path, key, value
+
+
+def _torch_name(path: tuple, key: str) -> str:
+  module = '.'.join(path)
+  if path[-1] == 'fc':
+    return f'{module}.{"weight" if key == "kernel" else "bias"}'
+  return f'{module}.conv.weight' if key == 'kernel' else f'{module}.bn.{_BN_NAMES[key]}'
+
+
+def _from_torch(path: tuple, key: str, value) -> np.ndarray:
+  value = np.asarray(value, np.float32)
+  if key != 'kernel':
+    return value
+  return value.T if path[-1] == 'fc' else np.transpose(value, (2, 3, 1, 0))
+
+
+def state_dict_from_params(params) -> dict:
+  """Our parameters as the PyTorch state dict of the FID Inception (pytorch-fid's names)."""
+  out = {}
+  for path, key, value in _leaves(params):
+    value = np.asarray(value, np.float32)
+    if key == 'kernel':
+      value = value.T if path[-1] == 'fc' else np.transpose(value, (3, 2, 0, 1))
+    out[_torch_name(path, key)] = np.ascontiguousarray(value)
+  return out
+
+
 def params_from_state_dict(state: dict) -> dict:
   """Our parameters from the PyTorch state dict of the FID Inception ({name: array}: pytorch-fid's
   or torch-fidelity's names, `Mixed_5b.branch1x1.conv.weight`, `...bn.running_var`, `fc.*`).
@@ -206,33 +245,14 @@ def params_from_state_dict(state: dict) -> dict:
   from unclip_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
   expected = abstract_params()
   params: dict = {}
-
-  def put(path, value):
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.asarray(value, np.float32)
-
-  def take(name):
+  for path, key, _ in _leaves(expected):
+    name = _torch_name(path, key)
     if name not in state:
       raise torch_io.ConversionError(f'the FID Inception weights have no tensor {name!r}')
-    return state[name]
-
-  def walk(tree, path):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, path + (key,))
-        continue
-      torch_name = '.'.join(path)
-      if path[-1] == 'fc':
-        put(path + (key,), take(f'{torch_name}.weight').T if key == 'kernel'
-            else take(f'{torch_name}.bias'))
-      elif key == 'kernel':    # OIHW → HWIO
-        put(path + (key,), np.transpose(take(f'{torch_name}.conv.weight'), (2, 3, 1, 0)))
-      else:
-        bn = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
-        put(path + (key,), take(f'{torch_name}.bn.{bn[key]}'))
-  walk(expected, ())
+    node = params
+    for module in path:
+      node = node.setdefault(module, {})
+    node[key] = _from_torch(path, key, state[name])
   torch_io.check_params(params, expected, 'the FID Inception weights')
   return params
 

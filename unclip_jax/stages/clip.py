@@ -303,13 +303,13 @@ class Stage:
   def embed_images(self, params, images: np.ndarray) -> np.ndarray:
     """Images [N, H, W, 3] in [-1, 1] → unit embeddings [N, D], in batches."""
     encode, _ = self._compiled_encoders()
-    return _batched(lambda x: encode(params, x), images, self.config.eval.batch_size)
+    return batched(lambda x: encode(params, x), images, self.config.eval.batch_size)
 
   def embed_texts(self, params, texts: list[str]) -> np.ndarray:
     """Texts → unit embeddings [N, D], in batches."""
     _, encode = self._compiled_encoders()
     tokens = self.tokenizer(list(texts))
-    return _batched(lambda t: encode(params, t), tokens, self.config.eval.batch_size)
+    return batched(lambda t: encode(params, t), tokens, self.config.eval.batch_size)
 
   def zero_shot_classifier(self, params, attribute: str) -> np.ndarray:
     """The built-in data: unit class embeddings [num_classes, D] for one attribute, from
@@ -353,7 +353,7 @@ class Stage:
     if 'label' in data:
       metrics.update(zero_shot_accuracy(image_emb, self.label_classifier(params), data['label']))
     _, encode_text = self._compiled_encoders()
-    text_emb = _batched(lambda t: encode_text(params, t), data['tokens'], e.batch_size)
+    text_emb = batched(lambda t: encode_text(params, t), data['tokens'], e.batch_size)
     metrics.update(retrieval_metrics(image_emb, text_emb))
     return metrics
 
@@ -375,7 +375,7 @@ def to_host(x: jax.Array) -> np.ndarray:
   return jax.device_get(x)
 
 
-def _batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
+def batched(fn, array: np.ndarray, batch_size: int) -> np.ndarray:
   """Applies `fn` to fixed-size chunks (the last one padded), so it compiles once."""
   out = []
   for i in range(0, len(array), batch_size):
@@ -471,7 +471,7 @@ class FrozenClip:
     batches under one compiled call."""
     if getattr(self, '_embed_images', None) is None:
       self._embed_images = jax.jit(lambda p, x: self.encode_image(x, p))
-    return _batched(lambda x: self._embed_images(self.params, x), np.asarray(images),
+    return batched(lambda x: self._embed_images(self.params, x), np.asarray(images),
                     batch_size)
 
   def embed_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -479,7 +479,7 @@ class FrozenClip:
     if getattr(self, '_embed_texts', None) is None:
       self._embed_texts = jax.jit(lambda p, t: self.encode_text(t, p)[0])
     tokens = np.asarray(self.tokenizer(list(texts)))
-    return _batched(lambda t: self._embed_texts(self.params, t), tokens, batch_size)
+    return batched(lambda t: self._embed_texts(self.params, t), tokens, batch_size)
 
   def token_mask(self, tokens: jax.Array) -> jax.Array:
     """[B, L] bool: True up to and including the end token (the real caption tokens).

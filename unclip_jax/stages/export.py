@@ -62,15 +62,19 @@ def export_dir(path: str) -> str:
   return path
 
 
+def load_config(path: str, what: str = 'stage') -> ml_collections.ConfigDict:
+  """The config of an export directory, or of a run directory holding `export/`."""
+  config_path = os.path.join(export_dir(path), 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'no exported {what} at {export_dir(path)}: {config_path} is missing '
+                            f'(train the {what} stage first, or convert a checkpoint)')
+  with open(config_path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def load_export(path: str, what: str = 'stage') -> tuple[ml_collections.ConfigDict, dict]:
   """(config, params) from an export directory, or from a run directory holding `export/`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = export_dir(path)
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'no exported {what} at {path}: {config_path} is missing (train '
-                            f'the {what} stage first, or convert a checkpoint)')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  params = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'))
+  config = load_config(path, what)
+  params = ocp.StandardCheckpointer().restore(os.path.join(export_dir(path), 'params'))
   return config, params
