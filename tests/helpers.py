@@ -111,6 +111,16 @@ def run_train_steps(stage, config, mesh_, batches):
   return state, losses
 
 
+# For training subprocesses: glibc's malloc backs large blocks with transparent huge pages and
+# keeps them (no munmap, no re-zeroing of fresh 4 KiB pages). XLA:CPU allocates each step's
+# buffers anew: the tiny CLIP's step here took 3.4M page faults per 40 steps without it, 0.19M
+# with it, and 0.27 s instead of 0.34 s; the background job 280 s and 470 CPU-s instead of
+# 320 s and 557 CPU-s, with identical results. (Read by glibc at process start, so it cannot
+# help the pytest process itself, whose tests are compile-bound anyway.)
+HUGE_PAGES_MALLOC = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold='
+                                       '33554432:glibc.malloc.trim_threshold=1073741824'}
+
+
 def start_job(workdir, data_dir: str, *overrides: str, before=None):
   """Starts `python -m unclip_jax.train_all --config=configs/unclip.py:tiny` (the whole system)
   with `overrides` on one CPU device in the background, after the command `before` (argv; e.g.
@@ -125,7 +135,7 @@ def start_job(workdir, data_dir: str, *overrides: str, before=None):
   # (Not the tests' compile flags: at XLA's default optimisation they compile slower, and
   # less optimisation doubles the job's step times.)
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL='3',
-             XLA_FLAGS='--xla_cpu_multi_thread_eigen=false')
+             XLA_FLAGS='--xla_cpu_multi_thread_eigen=false', **HUGE_PAGES_MALLOC)
   log = open(os.path.join(os.path.dirname(str(workdir)), 'job.log'), 'w+')  # pylint: disable=consider-using-with
   import shlex  # pylint: disable=g-import-not-at-top
   job = [sys.executable, '-m', 'unclip_jax.train_all', '--config=configs/unclip.py:tiny',
