@@ -168,6 +168,9 @@ def data_defaults(resolution=32) -> ml_collections.ConfigDict:
   d.num_train = 20000
   d.num_test = 1000
   d.seed = 0
+  # The train split never shows captioned_shapes.HELD_OUT_COMBINATIONS (e.g. a red circle); the
+  # job samples prompts with and without them.
+  d.held_out_combinations = True
   d.worker_count = 0            # grain worker processes; 0 decodes in the main process
   # Threads reading records ahead of the decoding (grain's ReadOptions): they pay off when reads
   # wait on storage. The built-in dataset is local and small, and on a few cores grain's default
@@ -193,6 +196,7 @@ def job_data() -> ml_collections.ConfigDict:
   for name in ('min_size', 'shuffle_buffer', 'worker_count', 'read_threads', 'read_buffer',
                'num_train', 'num_test', 'seed'):
     d[name] = ph(int)
+  d.held_out_combinations = ph(bool)
   return d
 
 

@@ -141,7 +141,7 @@ def test_caption_vocabulary_covers_captions():
 
 
 def test_builder_splits_and_files(builder):
-  assert builder.builder_config.name == f'r{RES}_n200_t50_s0'
+  assert builder.builder_config.name == f'r{RES}_n200_t50_s0_h'
   assert builder.info.splits['train'].num_examples == 200
   assert builder.info.splits['test'].num_examples == 50
   files = list(builder.data_path.glob('*.array_record-*'))
@@ -184,3 +184,56 @@ def test_prepare_reuses_and_default_dir(builder, data_dir, monkeypatch):
   assert again.data_path == builder.data_path
   monkeypatch.delenv('UNCLIP_DATA_DIR')
   assert cs.default_data_dir().endswith('.cache/unclip_jax/datasets')
+
+
+# ----------------------------------------------------- held-out combinations
+
+
+def test_held_out_combinations_are_valid_and_spread():
+  """Each held-out pair names real values; no shape, colour or position is held out twice
+  within one attribute pair, so every value stays seen with the other shapes."""
+  for (a, b), pairs in cs.HELD_OUT_COMBINATIONS.items():
+    assert all(x in cs.ATTRIBUTES[a] and y in cs.ATTRIBUTES[b] for x, y in pairs)
+    assert len({x for x, _ in pairs}) == len({y for _, y in pairs}) == len(pairs) == 5
+
+
+def test_train_split_never_shows_a_held_out_combination_and_the_test_split_does(builder):
+  """Provably disjoint: every training record (its labels, from which its image and caption
+  are drawn) and 20,000 more training draws have none; the held-out split has them at the
+  rate of a uniform draw (1 - 35/40 * 40/45 = 0.22), and its captions ask for some."""
+  for record in _records(builder, 'train'):
+    assert not cs.unseen_combinations(record), record
+  rng = np.random.default_rng(1)
+  assert not any(cs.unseen_combinations(cs.sample_attributes(rng, exclude_held_out=True))
+                 for _ in range(20000))
+  draws = [cs.sample_attributes(rng) for _ in range(20000)]
+  assert abs(np.mean([bool(cs.unseen_combinations(a)) for a in draws]) - 2 / 9) < 0.015
+  test = _records(builder, 'test')
+  unseen = [r for r in test if cs.unseen_combinations(r)]
+  assert 3 <= len(unseen) <= 25
+  assert any(cs.asks_for_unseen(r['caption'].decode(), r) for r in unseen)
+  # No training caption names a held-out shape in its held-out colour.
+  held = [f'{color} {shape}' for shape, color in cs.HELD_OUT_COMBINATIONS[('shape', 'color')]]
+  assert not any(h in r['caption'].decode() for r in _records(builder, 'train') for h in held)
+  assert any(h in r['caption'].decode() for r in test for h in held)
+
+
+def test_asks_for_unseen_reads_the_caption():
+  red_circle = _attrs(shape='circle', color='red', background='blue', size='small',
+                      position='bottom')
+  assert cs.unseen_combinations(red_circle) == [('shape', 'color')]
+  assert cs.asks_for_unseen('a small red circle on a blue background', red_circle)
+  corner = _attrs(shape='star', color='red', background='blue', size='small',
+                  position='bottom right')
+  assert cs.unseen_combinations(corner) == [('shape', 'position')]
+  assert cs.asks_for_unseen('a red star at the bottom right', corner)
+  assert not cs.asks_for_unseen('a red star on blue', corner)    # position not asked for
+  seen = _attrs(shape='star', color='red', background='blue', size='small', position='top')
+  assert not cs.unseen_combinations(seen) and not cs.asks_for_unseen('a red star', seen)
+
+
+def test_holding_out_is_a_setting_with_its_own_dataset_name(tmp_path):
+  plain = cs.prepare(str(tmp_path), resolution=16, seed=0, num_train=300, num_test=8,
+                     held_out_combinations=False)
+  assert plain.builder_config.name == 'r16_n300_t8_s0'
+  assert any(cs.unseen_combinations(r) for r in _records(plain, 'train'))

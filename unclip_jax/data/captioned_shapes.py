@@ -15,6 +15,10 @@ Everything is generated offline from a seed:
 * ``CaptionedShapes``                 -> tfds builder (array_record files)
 * ``prepare(data_dir, ...)``          -> builds (once) and returns the builder
 
+The train split never shows ``HELD_OUT_COMBINATIONS`` (five shape-colour and five
+shape-position pairs; ``unseen_combinations(attrs)``), the test split is drawn from all scenes,
+so prompts of the test split that ask for one (``asks_for_unseen``) measure composition.
+
 Geometry lives in normalised [0, 1] coordinates, so the same attributes and
 RNG state give the same scene at any resolution.
 """
@@ -69,6 +73,18 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     'position': POSITIONS,
 }
 
+# Attribute combinations that the training split never shows, in its images or its captions
+# (the held-out split keeps them), so that prompts asking for them measure composition rather
+# than recall: one colour and one position per shape, each colour and each position held out
+# with one shape at most (5 of the 40 shape-colour pairs, 5 of the 45 shape-position pairs).
+HELD_OUT_COMBINATIONS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ('shape', 'color'): (('circle', 'red'), ('square', 'blue'), ('triangle', 'yellow'),
+                         ('cross', 'purple'), ('star', 'white')),
+    ('shape', 'position'): (('circle', 'top left'), ('square', 'top right'),
+                            ('triangle', 'center'), ('cross', 'bottom left'),
+                            ('star', 'bottom right')),
+}
+
 # Jitter magnitudes: small enough that attributes stay unambiguous.
 POSITION_JITTER = 0.02      # +- fraction of the image side
 SIZE_JITTER = 0.05          # +- relative
@@ -80,19 +96,42 @@ SUPERSAMPLE = 4
 # Sampling and rendering.
 # --------------------------------------------------------------------------
 
-def sample_attributes(rng: np.random.Generator) -> dict[str, int]:
+def sample_attributes(rng: np.random.Generator,
+                      exclude_held_out: bool = False) -> dict[str, int]:
   """Samples a random attribute assignment.
 
   Args:
     rng: numpy Generator.
+    exclude_held_out: draw again until the scene has none of
+      ``HELD_OUT_COMBINATIONS`` (the training split's rule).
   Returns:
     dict attribute name -> index into ``ATTRIBUTES[name]``; ``background``
     is always different from ``color``.
   """
-  attrs = {k: int(rng.integers(len(v))) for k, v in ATTRIBUTES.items()}
-  n = len(COLORS)
-  attrs['background'] = (attrs['color'] + 1 + int(rng.integers(n - 1))) % n
-  return attrs
+  while True:
+    attrs = {k: int(rng.integers(len(v))) for k, v in ATTRIBUTES.items()}
+    n = len(COLORS)
+    attrs['background'] = (attrs['color'] + 1 + int(rng.integers(n - 1))) % n
+    if not (exclude_held_out and unseen_combinations(attrs)):
+      return attrs
+
+
+def unseen_combinations(attrs: dict[str, int]) -> list[tuple[str, str]]:
+  """The attribute pairs of ``HELD_OUT_COMBINATIONS`` whose held-out values this scene has,
+  e.g. ``[('shape', 'color')]`` for a red circle."""
+  out = []
+  for (a, b), pairs in HELD_OUT_COMBINATIONS.items():
+    if (ATTRIBUTES[a][int(attrs[a])], ATTRIBUTES[b][int(attrs[b])]) in pairs:
+      out.append((a, b))
+  return out
+
+
+def asks_for_unseen(text: str, attrs: dict[str, int]) -> bool:
+  """Whether a caption asks for a combination the training split never shows: its scene has
+  one and the caption names both of its values (shape and colour are always named; the
+  position only sometimes)."""
+  return any(b != 'position' or mentions(text, b, int(attrs[b]))
+             for _, b in unseen_combinations(attrs))
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, s: float):
@@ -322,19 +361,21 @@ def caption_vocabulary() -> list[str]:
 _SPLIT_STREAM = {'train': 0, 'test': 1}
 
 
-def generate_example(seed: int, split: str, index: int,
-                     resolution: int) -> dict:
+def generate_example(seed: int, split: str, index: int, resolution: int,
+                     held_out_combinations: bool = True) -> dict:
   """Generates example ``index`` of ``split`` deterministically.
 
   Each (seed, split, index) has its own independent RNG stream, so splits are
-  disjoint streams and examples can be generated in any order.
+  disjoint streams and examples can be generated in any order. With
+  ``held_out_combinations``, the train split never has one of
+  ``HELD_OUT_COMBINATIONS``; the test split is drawn from all scenes.
 
   Returns:
     dict with 'image' (uint8 [res, res, 3]), 'caption' (str), the five
     attribute indices (int) and 'id' (int, = index).
   """
   rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index])
-  attrs = sample_attributes(rng)
+  attrs = sample_attributes(rng, exclude_held_out=held_out_combinations and split == 'train')
   image = render(attrs, resolution, rng)
   return dict(image=image, caption=caption(attrs, rng), id=index, **attrs)
 
@@ -347,16 +388,20 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 class CaptionedShapesConfig(tfds.core.BuilderConfig):
-  """Config: image resolution, split sizes and generation seed."""
+  """Config: image resolution, split sizes, generation seed and whether the train split holds
+  out ``HELD_OUT_COMBINATIONS`` (the name then ends in ``_h``)."""
 
   def __init__(self, *, resolution: int = 32, num_train: int = 20000,
-               num_test: int = 1000, seed: int = 0, **kwargs):
-    name = f'r{resolution}_n{num_train}_t{num_test}_s{seed}'
+               num_test: int = 1000, seed: int = 0, held_out_combinations: bool = True,
+               **kwargs):
+    name = (f'r{resolution}_n{num_train}_t{num_test}_s{seed}' +
+            ('_h' if held_out_combinations else ''))
     super().__init__(name=name, **kwargs)
     self.resolution = resolution
     self.num_train = num_train
     self.num_test = num_test
     self.seed = seed
+    self.held_out_combinations = held_out_combinations
 
 
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
@@ -395,7 +440,8 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num: int):
     config = self.builder_config
     for index in range(num):
-      ex = generate_example(config.seed, split, index, config.resolution)
+      ex = generate_example(config.seed, split, index, config.resolution,
+                            config.held_out_combinations)
       ex['image'] = encode_png(ex['image'])
       yield index, ex
 
@@ -408,17 +454,19 @@ def default_data_dir() -> str:
 
 def prepare(data_dir: str | None = None, resolution: int = 32,
             num_train: int = 20000, num_test: int = 1000,
-            seed: int = 0) -> CaptionedShapes:
+            seed: int = 0, held_out_combinations: bool = True) -> CaptionedShapes:
   """Returns the builder for this config, generating the data if missing.
 
   Args:
     data_dir: tfds data directory; None -> ``default_data_dir()``.
-    resolution, num_train, num_test, seed: the dataset config.
+    resolution, num_train, num_test, seed, held_out_combinations: the dataset
+      config.
   Returns:
     a prepared ``CaptionedShapes`` builder (array_record files on disk).
   """
   config = CaptionedShapesConfig(resolution=resolution, num_train=num_train,
-                                 num_test=num_test, seed=seed)
+                                 num_test=num_test, seed=seed,
+                                 held_out_combinations=held_out_combinations)
   # Use the registered instance for the default config (tfds rejects a new
   # object with the same name).
   config = CaptionedShapes.builder_configs.get(config.name, config)

@@ -53,6 +53,7 @@ class ShapesSource(sources.RandomAccessSource):
 def make(data_config, split: str) -> ShapesSource:
   builder = captioned_shapes.prepare(
       data_config.get('data_dir'), resolution=data_config.resolution,
-      num_train=data_config.num_train, num_test=data_config.num_test, seed=data_config.seed)
+      num_train=data_config.num_train, num_test=data_config.num_test, seed=data_config.seed,
+      held_out_combinations=data_config.get('held_out_combinations', True))
   return ShapesSource(builder.as_data_source(split),
                       f'{builder.name}/{builder.builder_config.name}/{split}')
