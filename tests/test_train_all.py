@@ -157,6 +157,13 @@ def test_sampling_on_the_built_in_data_also_reads_the_images_with_the_pixel_chec
   assert report['real']['size_accuracy'] >= 0.9 and report['real']['position_accuracy'] >= 0.9
   assert report['real']['color_accuracy'] >= 0.9     # the checker reads the dataset's own images
   assert sum(sum(c.values()) for c in report['generated_shapes'].values()) == 4
+  # Half the prompts ask for a combination the training split never shows, half have none.
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  prompts = open(os.path.join(untrained_run, 'sample', 'prompts.txt')).read().splitlines()
+  assert report['generated_unseen']['num_prompts'] == report['generated_seen']['num_prompts'] == 2
+  held = [f'{c} {s}' for s, c in captioned_shapes.HELD_OUT_COMBINATIONS[('shape', 'color')]]
+  assert not any(h in p for p in prompts[2:] for h in held)   # seen: no held-out colour pair
+  assert set(report['generated_unseen']) >= set(report['generated'])
   readings = open(os.path.join(untrained_run, 'sample', 'readings.tsv')).read().splitlines()
   assert readings[0] == 'image\tprompt\tclip_score\tcolor\tbackground\tshape\tshape_iou'
   assert len(readings) == 5

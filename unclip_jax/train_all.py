@@ -306,7 +306,11 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pipe = pipeline_lib.UnclipPipeline.from_run(workdir)
   configs = stage_configs(config, workdir)
   final = configs['upsampler'] if pipe.upsamplers else configs['decoder']
-  real = input_pipeline.load_split(final.data, 'test', max_examples=s.num_prompts)
+  builtin = sources.source_name(final.data) == 'shapes'
+  if builtin and final.data.get('held_out_combinations', True):
+    real = _seen_and_unseen_prompts(final.data, s.num_prompts)
+  else:
+    real = input_pipeline.load_split(final.data, 'test', max_examples=s.num_prompts)
   prompts = [str(c) for c in real['caption']]
   start = time.perf_counter()
   images, stage_seconds = [], {}
@@ -331,12 +335,21 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scalars = {'generated/clip_score': report['clip_score'],
              'real/clip_score': report['clip_score_real']}
   readings = None
-  if sources.source_name(final.data) == 'shapes':
+  if builtin:
     from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
     labels = {k: real[k] for k in ('color', 'background', 'shape', 'size', 'position')}
     readings = [shape_checker.analyze(image) for image in images]
     # Size and position only where the prompt asks for them.
     report['generated'] = shape_checker.score_readings(readings, labels, prompts)
+    if 'unseen' in real:
+      # Prompts asking for a combination the training split never shows, and the others.
+      for name, keep in (('unseen', real['unseen']), ('seen', ~real['unseen'])):
+        if keep.any():
+          report[f'generated_{name}'] = dict(
+              shape_checker.score_readings([r for r, k in zip(readings, keep) if k],
+                                           {k: v[keep] for k, v in labels.items()},
+                                           [p for p, k in zip(prompts, keep) if k]),
+              num_prompts=int(keep.sum()))
     report['real'] = shape_checker.score(real['image'], labels)
     report['generated_shapes'] = shape_checker.shape_confusion(readings, labels)
     scalars.update({**{f'generated/{k}': v for k, v in report['generated'].items()},
@@ -352,6 +365,26 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report['seconds'] = round(seconds, 1)
   report['stage_seconds'] = {k: round(v, 1) for k, v in stage_seconds.items()}
   return report
+
+
+def _seen_and_unseen_prompts(data_config, num: int) -> dict:
+  """`num` held-out examples of the built-in data, half (rounded up) of them with captions that
+  ask for a combination the training split never shows (`captioned_shapes.asks_for_unseen`), the
+  rest with none in their scene, each half in the split's order; with 'unseen' marking the
+  first kind. Fewer unseen ones than half: all there are, the rest seen."""
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = input_pipeline.load_split(data_config, 'test')
+  attrs = [{k: int(data[k][i]) for k in captioned_shapes.ATTRIBUTES}
+           for i in range(len(data['caption']))]
+  unseen = [i for i, a in enumerate(attrs)
+            if captioned_shapes.asks_for_unseen(str(data['caption'][i]), a)]
+  seen = [i for i, a in enumerate(attrs) if not captioned_shapes.unseen_combinations(a)]
+  unseen = unseen[:(num + 1) // 2]
+  chosen = np.array(unseen + seen[:num - len(unseen)])
+  out = {k: np.asarray(v)[chosen] for k, v in data.items()}
+  out['unseen'] = np.arange(len(chosen)) < len(unseen)
+  return out
 
 
 def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns: int):
@@ -396,6 +429,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Generated images: CLIP score %.1f (held-out images: %.1f); %.0f s in all; '
                'report: %s', sample['clip_score'], sample['clip_score_real'],
                report['total_seconds'], os.path.join(workdir, 'report.json'))
+  for name in ('seen', 'unseen'):
+    if f'generated_{name}' in sample:
+      g = sample[f'generated_{name}']
+      logging.info('%d prompts with %s combinations: colour %.2f, background %.2f, shape %.2f, '
+                   'size %.2f, position %.2f, all asked for %.2f', g['num_prompts'], name,
+                   g['color_accuracy'], g['background_accuracy'], g['shape_accuracy'],
+                   g['size_accuracy'], g['position_accuracy'], g['all_accuracy'])
   if 'generated' in sample:
     g, r = sample['generated'], sample['real']
     logging.info('Generated images read as prompted: shape colour %.2f, background %.2f, shape '
