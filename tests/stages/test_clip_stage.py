@@ -57,6 +57,11 @@ def test_zero_shot_prompts():
   assert len(prompts) == 5 * 7 and all('an orange ' in p for p in prompts)
   assert not any('orange background' in p for p in prompts)
   assert all(p.startswith('a large ') for p in clip.zero_shot_prompts('size', 'large'))
+  corner = clip.zero_shot_prompts('position', 'top left')
+  assert len(corner) == 5 * 8 * 7 and 'a red circle in the top left on a blue background' in corner
+  assert all(' at the top on ' in p for p in clip.zero_shot_prompts('position', 'top'))
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  assert all(captioned_shapes.mentions(p, 'position', 0) for p in corner)   # the captions' words
 
 
 def test_tokenizer_must_match_the_model(make_tiny_clip_config, monkeypatch):

@@ -293,6 +293,11 @@ def _position_phrase(position: str, rng: np.random.Generator) -> str:
   return str(rng.choice(phrases)).format(p=position)
 
 
+def position_phrases(position: str) -> tuple[str, ...]:
+  """The phrases captions use for a position ('top left' -> 'in the top left', ...)."""
+  return tuple(p.format(p=position) for p in _EDGE_PHRASES.get(position, _CORNER_PHRASES))
+
+
 def mentions(text: str, attribute: str, index: int) -> bool:
   """Whether a caption asks for its scene's size or position (captions name them only
   sometimes): the size word, or one of the position's phrases."""

@@ -24,8 +24,10 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 
 # Zero-shot prompts for the built-in data: the attribute's value in a full caption, averaged over
 # every combination of the other attributes (prompt ensembling, as in CLIP).
-ZERO_SHOT_TEMPLATE = 'a {size}{color} {shape} on a {background} background'
-ZERO_SHOT_ATTRIBUTES = ('shape', 'color', 'background', 'size')
+# Size and position appear in the prompts of their own attribute only (the position as the
+# captions' first phrase for it: 'in the top left', 'at the top', 'on the left', 'in the center').
+ZERO_SHOT_TEMPLATE = 'a {size}{color} {shape}{position} on a {background} background'
+ZERO_SHOT_ATTRIBUTES = ('shape', 'color', 'background', 'size', 'position')
 
 
 def zero_shot_prompts(attribute: str, value: str) -> list[str]:
@@ -36,8 +38,13 @@ def zero_shot_prompts(attribute: str, value: str) -> list[str]:
   for shape in names['shape']:
     for color in names['color']:
       for background in names['background']:
-        fields = dict(shape=shape, color=color, background=background, size='')
-        fields[attribute] = value + (' ' if attribute == 'size' else '')
+        fields = dict(shape=shape, color=color, background=background, size='', position='')
+        if attribute == 'size':
+          fields['size'] = value + ' '
+        elif attribute == 'position':
+          fields['position'] = ' ' + captioned_shapes.position_phrases(value)[0]
+        else:
+          fields[attribute] = value
         if fields['color'] != fields['background']:
           prompts.append(captioned_shapes.fix_articles(ZERO_SHOT_TEMPLATE.format(**fields)))
   return sorted(set(prompts))

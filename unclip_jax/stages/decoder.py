@@ -290,8 +290,8 @@ class Stage:
     CLIP: their cosine to the embedding they were decoded from, against the cosine between
     different held-out images' embeddings, and how often a decoding's nearest source embedding
     is its own (any data). On the built-in data also the samples' background colour, shape
-    colour and shape read from pixels (`shape_checker`) against the source images', and the
-    same read of the real images as the ceiling."""
+    colour, shape, size and position read from pixels (`shape_checker`) against the source
+    images', and the same read of the real images as the ceiling."""
     del workdir
     data = self._held_out(self.config.eval.num_examples)
     samples, source_emb = self._reconstruct(params, data, self.config.seed + 1)
@@ -299,7 +299,7 @@ class Stage:
                                      source_emb)
     if sources.source_name(self.config.data) == 'shapes':
       from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
-      labels = {k: data[k] for k in ('color', 'background', 'shape')}
+      labels = {k: data[k] for k in ('color', 'background', 'shape', 'size', 'position')}
       metrics.update({f'samples_{k}': v for k, v in shape_checker.score(samples,
                                                                         labels).items()})
       metrics.update({f'real_{k}': v for k, v in shape_checker.score(data['image'],

@@ -311,7 +311,7 @@ class Stage:
     if 'label' in data:
       classifiers['label'] = (self.clip.stage.label_classifier(self.clip.params), data['label'])
     if sources.source_name(self.config.data) == 'shapes':
-      for attribute in ('shape', 'color', 'background'):
+      for attribute in clip_stage.ZERO_SHOT_ATTRIBUTES:
         classifiers[attribute] = (self.clip.stage.zero_shot_classifier(self.clip.params,
                                                                        attribute), data[attribute])
     for attribute, (classes, labels) in classifiers.items():

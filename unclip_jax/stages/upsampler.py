@@ -234,7 +234,7 @@ class Stage:
                'ssim': ssim(samples, data['image']), 'ssim_bicubic': ssim(bicubic, data['image'])}
     if sources.source_name(self.config.data) == 'shapes':
       from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
-      labels = {k: data[k] for k in ('color', 'background', 'shape')}
+      labels = {k: data[k] for k in ('color', 'background', 'shape', 'size', 'position')}
       metrics.update({f'samples_{k}': v for k, v in shape_checker.score(samples,
                                                                         labels).items()})
       metrics.update({f'bicubic_{k}': v for k, v in shape_checker.score(bicubic,
