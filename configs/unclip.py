@@ -26,7 +26,8 @@ learning rate) is retrained, its old run moved to stale/ (config.stale_stages: '
 
 Expected (tiny, 14–18 min on 2 CPU cores including the dataset): generated images' background
 colour 1.00 and shape colour 1.00 as prompted (dataset images 1.00, 1.00); shape 0.81–0.86 (chance
-0.2; 0.83 over 256 prompts x 4 seeds): the decoder's 3900 steps redraw 0.92 of held-out images'
+0.2; 0.83 over 256 prompts x 4 seeds; 0.70 in the last run, seen and unseen combinations alike,
+see the README): the decoder's 3900 steps redraw 0.73–0.92 of held-out images'
 shapes, and the upsampler (1500 steps, trained alongside the decoder) keeps them (32 of 32).
 """
 
