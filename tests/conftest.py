@@ -43,8 +43,8 @@ def pytest_configure(config):
 # the JSON's shape label) and reports the CLIP score. It runs as a subprocess on one device,
 # starting when the data directory is made and training while the in-process tests run; the
 # tests that read it go last. Its stages are the learning checks: CLIP, the prior on the CLIP's
-# precomputed 32px embeddings, the decoder at 16px (the shards' images resized; the CLIP sees
-# them resized back to its 32px; at this size without the tiny preset's 2x2 patches), and a
+# precomputed 32px embeddings, the decoder at 16px on the same embeddings (the shards' images
+# resized; at this size without the tiny preset's 2x2 patches), and a
 # one-level 16→32px upsampler trained only briefly (its learning is not checked here).
 JOB_RUN = (
     '--config.clip.num_train_steps=250', '--config.clip.optim.warmup_steps=50',

@@ -27,12 +27,15 @@ def test_job_trains_every_stage_then_samples_scores_and_skips_finished_stages(jo
     assert os.path.exists(os.path.join(stage_dir, 'export', 'config.json')), name
     assert glob.glob(os.path.join(stage_dir, 'events.out.tfevents.*')), name
     assert report['stages'][name]['eval'], name
-  # The prior and decoder trained on the job's CLIP, from its precomputed embeddings.
+  # The prior and decoder trained on the job's CLIP, from one set of precomputed embeddings: the
+  # images' at the CLIP's 32px, also for the 16px decoder.
   prior_config = json.load(open(os.path.join(workdir, 'prior', 'config.json')))
   assert prior_config['clip']['workdir'] == os.path.join(workdir, 'clip')
   assert prior_config['data']['embeddings_dir'] == os.path.join(workdir, 'embeddings_32px')
   decoder_config = json.load(open(os.path.join(workdir, 'decoder', 'config.json')))
-  assert decoder_config['data']['embeddings_dir'] == os.path.join(workdir, 'embeddings_16px')
+  assert decoder_config['data']['embeddings_dir'] == os.path.join(workdir, 'embeddings_32px')
+  assert [os.path.basename(d) for d in glob.glob(os.path.join(workdir, 'embeddings_*'))] == [
+      'embeddings_32px']
 
   s = report['sample']
   assert s['num_prompts'] == 12 and s['resolution'] == 32

@@ -178,17 +178,20 @@ def _clip_fingerprint(workdir: str) -> str:
   return embeddings.clip_fingerprint(clip_stage.load_frozen(os.path.join(workdir, 'clip')).params)
 
 
-def _embeddings_dir(workdir: str, data_config) -> str:
-  """One folder of precomputed CLIP embeddings per dataset setting (resolution)."""
-  return os.path.join(workdir, f'embeddings_{data_config.resolution}px')
+def _embeddings_dir(workdir: str, clip_resolution: int, stage: str = '') -> str:
+  """The job's precomputed CLIP embeddings: of the images at the CLIP's resolution, one set for
+  every stage whatever its own resolution (an embedding describes the image; see
+  `unclip_jax.data.embeddings`), or a stage's own set if it reads other data."""
+  return os.path.join(workdir, f'embeddings_{clip_resolution}px' + (f'_{stage}' if stage else ''))
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Each stage's config, wired to the job's directories (the CLIP, precomputed embeddings) and
   given the job's data settings (`config.data`: every field set there replaces the stage's own;
   each stage keeps its resolution)."""
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
   job_data = {k: v for k, v in (config.get('data') or {}).items() if v is not None}
-  out = {}
+  out, shared = {}, None
   for name in STAGES:
     c = ml_collections.ConfigDict(config[name].to_dict())
     for key, value in job_data.items():
@@ -199,7 +202,12 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name in CLIP_CONDITIONED:
       c.clip.workdir = os.path.join(os.path.abspath(workdir), 'clip')
       if config.precompute_embeddings:
-        c.data.embeddings_dir = _embeddings_dir(os.path.abspath(workdir), c.data)
+        settings = embeddings.dataset_settings(c.data)
+        settings.pop('resolution')
+        shared = shared or settings
+        c.data.embeddings_dir = _embeddings_dir(
+            os.path.abspath(workdir), config.clip.data.resolution,
+            '' if settings == shared else name)
     out[name] = c
   return out
 
@@ -215,9 +223,10 @@ def _ensure_embeddings(configs: dict, workdir: str):
   from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
   clip = clip_stage.load_frozen(os.path.join(workdir, 'clip'))
   for name in CLIP_CONDITIONED:
-    data = configs[name].data
+    data = ml_collections.ConfigDict(configs[name].data.to_dict())
     if not data.get('embeddings_dir'):
       continue
+    data.resolution = configs['clip'].data.resolution
     try:
       embeddings.check(data.embeddings_dir, data, clip)
       continue

@@ -83,6 +83,15 @@ def test_mismatched_embeddings_are_refused(clip, data_dir, written, tmp_path):
                                                     'data.seed': 3})
   with pytest.raises(ValueError, match='computed for other data: data.seed 0 there, 3 here'):
     decoder_stage.Stage(config, clip=clip)
+  config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': out,
+                                                    'data.held_out_combinations': False})
+  with pytest.raises(ValueError, match='data.held_out_combinations True there, False here'):
+    decoder_stage.Stage(config, clip=clip)
+  # Another resolution is the same images: a 32px decoder takes the embeddings made at 16px.
+  config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': out,
+                                                    'data.resolution': 32})
+  assert embeddings.check(out, config.data, clip)['dataset']['resolution'] == 16
+  assert decoder_stage.Stage(config, clip=clip).precomputed
   config = helpers.tiny_decoder_config(data_dir, **{'data.embeddings_dir': str(tmp_path)})
   with pytest.raises(FileNotFoundError, match='python -m unclip_jax.data.embeddings'):
     decoder_stage.Stage(config, clip=clip)

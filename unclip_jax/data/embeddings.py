@@ -22,7 +22,9 @@ it finished and continues from the last chunk's reader state. Train with
 `--config.data.embeddings_dir=...`: the input pipeline attaches each sample's `clip_image_emb`
 by key and the stage uses it instead of running the image tower. Embeddings of another CLIP,
 another width, other data settings, or that lack a sample, are refused with an error that says
-which.
+which. Only the resolution may differ: an embedding describes the image (as in the paper, where
+the 64px decoder is conditioned on the embedding of the 224px image), so a decoder at 16px uses
+the embeddings its CLIP computed at 32px, and one set serves every stage.
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ from unclip_jax.data import sources
 
 INFO = 'info.json'
 FORMAT = 2
-# The settings that decide which samples there are and what their images look like.
+# The settings that decide which samples there are and what their images look like. (Not
+# `resolution`, which every source applies by resizing the same image: recorded, not compared.)
 DATASET_KEYS = ('source', 'name', 'paths', 'eval_paths', 'train_split', 'eval_split',
                 'image_key', 'caption_key', 'key_key', 'resolution', 'min_size', 'num_train',
-                'num_test', 'seed')
+                'num_test', 'seed', 'held_out_combinations')
 PART_FILES = ('ids.npy', 'keys.npy', 'image_emb.npy', 'text_emb.npy', 'state.json')
 
 
@@ -95,9 +98,9 @@ def check(embeddings_dir: str, data_config: ml_collections.ConfigDict, clip=None
     raise ValueError(f'{field}: {embeddings_dir!r} is in an older format; recompute it with '
                      '`python -m unclip_jax.data.embeddings`')
   ours = dataset_settings(data_config)
-  if info['dataset'] != ours:
-    differ = {k: (info['dataset'].get(k), ours.get(k)) for k in ours
-              if info['dataset'].get(k) != ours.get(k)}
+  differ = {k: (info['dataset'].get(k), ours.get(k)) for k in ours
+            if k != 'resolution' and info['dataset'].get(k) != ours.get(k)}
+  if differ:
     raise ValueError(f'{field}: {embeddings_dir!r} was computed for other data: '
                      + ', '.join(f'data.{k} {a!r} there, {b!r} here' for k, (a, b) in
                                  differ.items()))
