@@ -202,8 +202,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name in CLIP_CONDITIONED:
       c.clip.workdir = os.path.join(os.path.abspath(workdir), 'clip')
       if config.precompute_embeddings:
-        settings = embeddings.dataset_settings(c.data)
-        settings.pop('resolution')
+        settings = embeddings.compared_settings(embeddings.dataset_settings(c.data))
         shared = shared or settings
         c.data.embeddings_dir = _embeddings_dir(
             os.path.abspath(workdir), config.clip.data.resolution,

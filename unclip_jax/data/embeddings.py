@@ -68,6 +68,11 @@ def dataset_settings(data_config: ml_collections.ConfigDict) -> dict:
   return settings
 
 
+def compared_settings(settings: dict) -> dict:
+  """The settings two embedding sets must share to serve the same data (all but `resolution`)."""
+  return {k: v for k, v in settings.items() if k != 'resolution'}
+
+
 def read_info(embeddings_dir: str) -> Optional[dict]:
   path = os.path.join(embeddings_dir, INFO)
   if not os.path.exists(path):
@@ -97,9 +102,9 @@ def check(embeddings_dir: str, data_config: ml_collections.ConfigDict, clip=None
   if info.get('format') != FORMAT:
     raise ValueError(f'{field}: {embeddings_dir!r} is in an older format; recompute it with '
                      '`python -m unclip_jax.data.embeddings`')
-  ours = dataset_settings(data_config)
+  ours = compared_settings(dataset_settings(data_config))
   differ = {k: (info['dataset'].get(k), ours.get(k)) for k in ours
-            if k != 'resolution' and info['dataset'].get(k) != ours.get(k)}
+            if info['dataset'].get(k) != ours.get(k)}
   if differ:
     raise ValueError(f'{field}: {embeddings_dir!r} was computed for other data: '
                      + ', '.join(f'data.{k} {a!r} there, {b!r} here' for k, (a, b) in
