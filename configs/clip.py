@@ -36,6 +36,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   context_length = ml_collections.FieldReference(24)
 
   c.data = config_lib.data_defaults(resolution)
+  # The built-in data only: half of each training batch are counterfactuals of the other half
+  # (the same scene at another position or size, captioned to name it), so that the contrastive
+  # loss must read position and size, which random batches seldom make matter.
+  c.data.counterfactual_negatives = False
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = 'auto'     # 'words' for the built-in data, 'clip_bpe' for any other
@@ -54,7 +58,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.vision = ml_collections.ConfigDict(dict(
       image_size=resolution, patch_size=8, width=128, depth=4, num_heads=4,
       mlp_ratio=4.0, activation='quick_gelu', remat=False, layer_norm_eps=1e-5,
-      pixel_mean=None, pixel_std=None))
+      pixel_mean=None, pixel_std=None, posemb='learn'))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 1000

@@ -385,3 +385,13 @@ def test_an_unknown_preset_is_one_line(tmp_path):
       "file: ValueError: configs/clip.py: unknown preset 'nosuch'; use 'tiny', 'vit_b16' or "
       "'vit_l14'"), result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_running_the_trainer_library_points_to_the_command(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'unclip_jax.train'], cwd=tmp_path,
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, XLA_FLAGS=''))
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'unclip_jax.train is the trainer library; train a stage with `python -m unclip_jax.main')
+  assert 'Traceback' not in result.stderr

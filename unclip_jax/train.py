@@ -707,3 +707,10 @@ def _sample(stage, state, workdir, writer, step):
     write_samples(writer, workdir, step, stage.sample(state.ema_params, workdir, step))
   except Exception:  # pylint: disable=broad-except
     logging.exception('Sampling at step %d failed; training goes on', step)
+
+
+if __name__ == '__main__':
+  # The library, not a command: say which one to run rather than exit silently.
+  raise SystemExit('unclip_jax.train is the trainer library; train a stage with '
+                   '`python -m unclip_jax.main --config=configs/clip.py:tiny --workdir=DIR` '
+                   '(or `unclip-train`)')

@@ -237,3 +237,29 @@ def test_holding_out_is_a_setting_with_its_own_dataset_name(tmp_path):
                      held_out_combinations=False)
   assert plain.builder_config.name == 'r16_n300_t8_s0'
   assert any(cs.unseen_combinations(r) for r in _records(plain, 'train'))
+
+
+def test_a_counterfactual_changes_position_or_size_and_its_caption_names_the_change():
+  from unclip_jax.data import shape_checker
+  rng = np.random.default_rng(0)
+  changed = []
+  for _ in range(300):
+    a = cs.sample_attributes(rng, exclude_held_out=True)
+    b, image, text = cs.counterfactual(a, 64, rng, exclude_held_out=True)
+    diff = [k for k in cs.ATTRIBUTES if a[k] != b[k]]
+    assert diff in (['size'], ['position']), (a, b)
+    changed.append(diff[0])
+    assert cs.mentions(text, diff[0], b[diff[0]]), text
+    for key in ('shape', 'color', 'background'):
+      assert cs.ATTRIBUTES[key][b[key]] in cs.caption_words(text), (key, text)
+    assert not cs.unseen_combinations(b), b
+    # The image is the counterfactual scene: the pixel checker reads its attributes.
+    reading = shape_checker.analyze(image)
+    assert {k: reading[k] for k in cs.ATTRIBUTES} == {
+        k: cs.ATTRIBUTES[k][v] for k, v in b.items()}, (b, reading)
+  # Position two times in three.
+  assert 0.58 < changed.count('position') / len(changed) < 0.75
+  # Without the rule, held-out combinations can be drawn (five positions, one per shape).
+  held = sum(bool(cs.unseen_combinations(cs.counterfactual(
+      cs.sample_attributes(rng, exclude_held_out=True), 32, rng)[0])) for _ in range(400))
+  assert held > 0

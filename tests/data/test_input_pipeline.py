@@ -231,3 +231,40 @@ def test_reading_does_not_import_tensorflow(config):
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('OK')
+
+
+def test_counterfactual_negatives_pair_each_training_example_with_its_counterfactual(config):
+  cfg = ml_collections.ConfigDict(config.to_dict() | {'counterfactual_negatives': True})
+  it = _iterator(cfg, batch_size=8)
+  batch = next(it)
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['tokens'].shape == (8, 2)
+  assert batch['id'].shape == (8,) and batch['caption'].shape == (8,)
+  plain = next(_iterator(config, batch_size=4))
+  # The originals are the plain pipeline's examples, in its order, each followed by its twin.
+  np.testing.assert_array_equal(batch['image'][::2], plain['image'])
+  assert list(batch['caption'][::2]) == list(plain['caption'])
+  for i in range(0, 8, 2):
+    assert batch['key'][i + 1] == f"{batch['key'][i]}~counterfactual"
+    diff = [k for k in LABELS if batch[k][i] != batch[k][i + 1]]
+    assert diff in (['size'], ['position'])
+    assert cs.mentions(batch['caption'][i + 1], diff[0], int(batch[diff[0]][i + 1]))
+    assert np.abs(batch['image'][i] - batch['image'][i + 1]).max() > 0.5
+  # Deterministic, and resumed exactly.
+  state = it.get_state()
+  expected = _take(it, 3)
+  _assert_batches_equal(_take(_iterator(cfg, batch_size=8), 1), [batch])
+  restored = _iterator(cfg, batch_size=8)
+  restored.set_state(state)
+  _assert_batches_equal(_take(restored, 3), expected)
+  # The held-out split is read as it is.
+  _assert_batches_equal(_take(_iterator(cfg, split='test', shuffle=False), 1),
+                        _take(_iterator(config, split='test', shuffle=False), 1))
+
+
+def test_counterfactual_negatives_refuse_what_cannot_have_them(config):
+  cfg = ml_collections.ConfigDict(config.to_dict() | {'counterfactual_negatives': True})
+  with pytest.raises(ValueError, match='batch size .7. must be even'):
+    _iterator(cfg, batch_size=7)
+  other = ml_collections.ConfigDict(cfg.to_dict() | {'source': 'folder', 'paths': '/nowhere'})
+  with pytest.raises(ValueError, match='counterfactual_negatives: only the built-in data'):
+    ip.check_data_config(other)

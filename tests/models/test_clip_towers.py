@@ -98,3 +98,30 @@ def test_attention_helper_matches_reference():
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   np.testing.assert_allclose(out, np.einsum('bhts,bshd->bthd', weights, v), atol=1e-5)
+
+
+def test_sincos2d_position_features_are_fixed_and_tell_every_patch_apart():
+  from unclip_jax.models.clip import posemb_sincos_2d
+  pos = np.asarray(posemb_sincos_2d(4, 32))
+  assert pos.shape == (16, 32)
+  q = 8                                   # frequencies per quarter
+  omega = 1 / 10_000 ** (np.arange(q) / (q - 1))
+  row, col = divmod(6, 4)                 # patch 6: row 1, column 2
+  np.testing.assert_allclose(pos[6], np.concatenate([
+      np.sin(row * omega), np.cos(row * omega), np.sin(col * omega), np.cos(col * omega)]),
+      rtol=1e-6, atol=1e-6)
+  distances = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.eye(16)
+  assert distances.min() > 0.5
+  # The tower with them has no position parameter, and the images' places change its output.
+  model = CLIP(text=None, vision=dict(image_size=16, patch_size=4, width=32, depth=2,
+                                      num_heads=4, posemb='sincos2d'), embed_dim=24)
+  images = np.zeros((2, 16, 16, 3), np.float32)
+  images[0, :4, :4], images[1, -4:, -4:] = 1, 1     # the same patch in two corners
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), images, method=CLIP.encode_image))
+  assert 'positional_embedding' not in params['params']['vision_tower']
+  emb = np.asarray(model.apply(params, images, method=CLIP.encode_image))
+  assert np.linalg.norm(emb[0] - emb[1]) > 0.05
+  with pytest.raises(ValueError, match="posemb: 'nope' is not 'learn' or 'sincos2d'"):
+    CLIP(text=None, vision=dict(image_size=16, patch_size=4, width=32, depth=2, num_heads=4,
+                                posemb='nope'), embed_dim=24).init(
+        jax.random.PRNGKey(0), images, method=CLIP.encode_image)

@@ -64,6 +64,28 @@ def test_zero_shot_prompts():
   assert all(captioned_shapes.mentions(p, 'position', 0) for p in corner)   # the captions' words
 
 
+def test_given_rest_prompts_change_one_attribute_and_name_the_others_as_the_image_has_them():
+  from unclip_jax.data import captioned_shapes as cs  # pylint: disable=g-import-not-at-top
+  labels = {k: np.array([cs.ATTRIBUTES[k].index(v) for v in values]) for k, values in dict(
+      shape=('circle', 'star'), color=('red', 'orange'), background=('blue', 'white'),
+      size=('small', 'large'), position=('top left', 'center')).items()}
+  prompts = clip.given_rest_prompts('position', labels)
+  assert len(prompts) == 2 * 9
+  assert prompts[0] == 'a small red circle in the top left on a blue background'
+  assert prompts[9 + 4] == 'a large orange star in the center on a white background'
+  assert prompts[9 + 1] == 'a large orange star at the top on a white background'
+  assert [cs.mentions(p, 'position', i % 9) for i, p in enumerate(prompts)] == [True] * 18
+  sizes = clip.given_rest_prompts('size', labels)
+  assert sizes[:3] == [f'a {z} red circle in the top left on a blue background'
+                       for z in ('small', 'medium', 'large')]
+  # Each embedding is read against its own row of classes.
+  classes = np.eye(3)[None].repeat(2, 0)
+  assert clip.given_rest_accuracy(np.array([[0, 1., 0], [0, 0, 1.]]), classes,
+                                  np.array([1, 2])) == 1.0
+  assert clip.given_rest_accuracy(np.array([[0, 1., 0], [0, 0, 1.]]), classes,
+                                  np.array([1, 0])) == 0.5
+
+
 def test_tokenizer_must_match_the_model(make_tiny_clip_config, monkeypatch):
   config = make_tiny_clip_config(**{'model.text.eot_id': 7, 'tokenizer.kind': 'words'})
   with pytest.raises(ValueError, match='config.model.text.eot_id'):

@@ -12,6 +12,8 @@ Everything is generated offline from a seed:
 * ``render(attrs, resolution, rng)``  -> uint8 image [res, res, 3]
 * ``shape_coverage(shape, cx, cy, s, res)`` -> the fraction of each pixel a shape covers
 * ``caption(attrs, rng)``             -> str
+* ``counterfactual(attrs, res, rng)`` -> the scene at another position or size (a hard
+  negative for contrastive training), its image and a caption naming the change
 * ``CaptionedShapes``                 -> tfds builder (array_record files)
 * ``prepare(data_dir, ...)``          -> builds (once) and returns the builder
 
@@ -317,17 +319,23 @@ def fix_articles(text: str) -> str:
   return re.sub(r'\ba (?=[aeiou])', 'an ', text)
 
 
-def caption(attrs: dict[str, int], rng: np.random.Generator) -> str:
+_SLOTS = {'size': '{z}', 'position': '{p}'}
+
+
+def caption(attrs: dict[str, int], rng: np.random.Generator, naming: str | None = None) -> str:
   """Writes a caption for ``attrs`` with a randomly chosen template.
 
   Args:
     attrs: attribute indices as for ``render``.
     rng: numpy Generator choosing the template.
+    naming: 'size' or 'position': choose among the templates that name it.
   Returns:
     lower-case caption; always names the shape, its colour and the
     background colour, and sometimes the size and/or the position.
   """
-  template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+  templates = _TEMPLATES if naming is None else tuple(
+      t for t in _TEMPLATES if _SLOTS[naming] in t)
+  template = templates[int(rng.integers(len(templates)))]
   text = template.format(
       c=ATTRIBUTES['color'][attrs['color']],
       s=SHAPES[attrs['shape']],
@@ -336,6 +344,36 @@ def caption(attrs: dict[str, int], rng: np.random.Generator) -> str:
       p=_position_phrase(POSITIONS[attrs['position']], rng)
       if '{p}' in template else '')
   return fix_articles(text)
+
+
+def counterfactual(attrs: dict[str, int], resolution: int, rng: np.random.Generator,
+                   exclude_held_out: bool = False) -> tuple[dict[str, int], np.ndarray, str]:
+  """A hard negative for contrastive training: the same shape, colour and background with
+  another position (two times in three) or another size, drawn anew and captioned by a
+  template that names the attribute that changed.
+
+  Random batches seldom hold two captions that differ only in position or size, so a
+  contrastive loss learns to ignore them; a scene next to its counterfactual in the batch makes
+  them matter.
+
+  Args:
+    attrs: the scene's attribute indices.
+    resolution: the image's side in pixels.
+    rng: numpy Generator (the change, the jitter and the caption).
+    exclude_held_out: never change into one of ``HELD_OUT_COMBINATIONS`` (the training split).
+  Returns:
+    (attribute indices, uint8 image [resolution, resolution, 3], caption).
+  """
+  attrs = {k: int(attrs[k]) for k in ATTRIBUTES}
+  changed = 'position' if rng.random() < 2 / 3 else 'size'
+  choices = []
+  for value in range(len(ATTRIBUTES[changed])):
+    other = dict(attrs, **{changed: value})
+    if value != attrs[changed] and not (exclude_held_out and unseen_combinations(other)):
+      choices.append(other)
+  other = choices[int(rng.integers(len(choices)))]
+  image = render(other, resolution, rng)
+  return other, image, caption(other, rng, naming=changed)
 
 
 def caption_words(text: str) -> list[str]:

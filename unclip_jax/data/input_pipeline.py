@@ -46,6 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax.data import captioned_shapes
 from unclip_jax.data import embeddings
 from unclip_jax.data import image_processing
 from unclip_jax.data import paths as paths_lib
@@ -115,6 +116,11 @@ def check_data_config(data_config) -> None:
   crop = data_config.get('crop') or 'center'
   if crop not in image_processing.CROPS:
     raise ValueError(f'config.data.crop: {crop!r} is not one of {image_processing.CROPS}')
+  if data_config.get('counterfactual_negatives') and (
+      sources.source_name(data_config) != 'shapes' or data_config.get('embeddings_dir')):
+    raise ValueError('config.data.counterfactual_negatives: only the built-in data (source '
+                     "'shapes', images rather than embeddings) can draw a scene's "
+                     'counterfactual; set it to False')
   if data_config.get('label_key') and class_names(data_config) is None:
     raise ValueError(f'config.data.class_names: config.data.label_key is '
                      f'{data_config.label_key!r}, so the class names (a list, or a JSON file) '
@@ -129,7 +135,8 @@ class ProcessExample(grain.transforms.Map):
   choice in a resumed run.
   """
 
-  def __init__(self, data_config, *, seed: int = 0, train: bool = True, where: str = ''):
+  def __init__(self, data_config, *, seed: int = 0, train: bool = True, where: str = '',
+               counterfactuals: bool = False):
     check_data_config(data_config)
     self.resolution = int(data_config.resolution)
     self.crop = (data_config.get('crop') or 'center') if train else 'center'
@@ -141,6 +148,10 @@ class ProcessExample(grain.transforms.Map):
     self.class_index = {n: i for i, n in enumerate(names)} if names else None
     self.shapes = sources.source_name(data_config) == 'shapes'
     self.where = where
+    # The built-in data's counterfactual negatives (see `check_data_config`): each example comes
+    # with its twin, stacked ([2, ...] per field); `_Unpair` makes a batch of them flat again.
+    self.counterfactuals = counterfactuals
+    self.exclude_held_out = bool(data_config.get('held_out_combinations', True))
 
   def _rng(self, key: str, epoch: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, sources.key_id(key), int(epoch)])
@@ -183,7 +194,19 @@ class ProcessExample(grain.transforms.Map):
         example[k] = np.int32(labels[k])
     if self.label_key:
       example['label'] = np.int32(self._label(sources.field(labels, self.label_key)))
+    if self.counterfactuals:
+      example = self._with_counterfactual(example, key, epoch)
     return example
+
+  def _with_counterfactual(self, example: dict, key: str, epoch: int) -> dict:
+    """The example and its counterfactual (`captioned_shapes.counterfactual`), stacked."""
+    rng = np.random.default_rng([self.seed, sources.key_id(key), int(epoch), 1])
+    attrs, image, text = captioned_shapes.counterfactual(
+        {k: example[k] for k in captioned_shapes.ATTRIBUTES}, self.resolution, rng,
+        exclude_held_out=self.exclude_held_out)
+    twin = dict(example, caption=text, key=f'{key}~counterfactual', image=image,
+                **{k: np.int32(v) for k, v in attrs.items()})
+    return {k: np.stack([v, twin[k]]) for k, v in example.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +396,15 @@ class _RecordSkips(grain.transforms.Map):
     return batch
 
 
+class _Unpair(grain.transforms.Map):
+  """A batch of stacked (example, counterfactual) pairs, [B/2, 2, ...] per field → [B, ...]:
+  each example next to its counterfactual."""
+
+  def map(self, batch: dict) -> dict:
+    return {k: v if k == 'skipped' else np.asarray(v).reshape((-1,) + np.shape(v)[2:])
+            for k, v in batch.items()}
+
+
 class Tokenize(grain.transforms.Map):
   """Adds `tokens` int32 [B, L] = tokenizer(captions) to a batch."""
 
@@ -471,9 +503,19 @@ def make_iterator(data_config: ml_collections.ConfigDict, *, split: str,
   ds, window = _raw_dataset(data_config, source, seed=seed, shuffle=shuffle,
                             num_epochs=num_epochs, process_index=process_index,
                             process_count=process_count)
-  ds = ds.map(ProcessExample(data_config, seed=seed, train=True, where=description))
+  # The built-in data's counterfactual negatives are for training batches (see ProcessExample).
+  pairs = bool(data_config.get('counterfactual_negatives')) and split == 'train'
+  ds = ds.map(ProcessExample(data_config, seed=seed, train=True, where=description,
+                             counterfactuals=pairs))
   ds = _CountSkips(ds, description, window)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  if pairs:
+    if batch_size % 2:
+      raise ValueError(f'config.data.counterfactual_negatives: the per-process batch size '
+                       f'({batch_size}) must be even: each example comes with its '
+                       'counterfactual')
+    ds = ds.batch(batch_size // 2, drop_remainder=True).map(_Unpair())
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True)
   if tokenizer is not None:
     ds = ds.map(Tokenize(tokenizer))
   for op in _embedding_ops(data_config, split, source):

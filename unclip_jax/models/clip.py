@@ -80,6 +80,19 @@ class TextTransformer(nn.Module):
     raise ValueError(f"pool: {self.pool!r} is not 'eot' or 'argmax'")
 
 
+def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.) -> jax.Array:
+  """Fixed position features of a grid x grid of patches, row-major: [grid**2, width], a
+  quarter each sin(y w), cos(y w), sin(x w), cos(x w) over `width // 4` geometric frequencies
+  w (the MAE / big_vision 2-D form)."""
+  if width % 4:
+    raise ValueError(f'posemb sincos2d: the width ({width}) must be a multiple of 4')
+  y, x = jnp.mgrid[:grid, :grid]
+  omega = 1. / temperature ** (jnp.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=1)
+
+
 class VisionTransformer(nn.Module):
   """Images [B, H, W, 3] in [-1, 1] (NHWC) → (embedding [B, embed_dim], tokens [B, 1+N, width]).
 
@@ -99,6 +112,10 @@ class VisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
   pixel_mean: Optional[Sequence[float]] = None
   pixel_std: Optional[Sequence[float]] = None
+  # 'learn': a learned embedding per token (OpenAI CLIP; what converted CLIPs have); 'sincos2d':
+  # fixed 2-D sine-cosine features of each patch's row and column (the class token gets none),
+  # as big_vision's ViTs may use: the patches' places are plain from the first step.
+  posemb: str = 'learn'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -116,10 +133,16 @@ class VisionTransformer(nn.Module):
     cls = self.param('class_embedding', _param(nn.initializers.normal(self.width ** -0.5),
                                                ('embed',)), (self.width,), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)
-    num_tokens = (self.image_size // self.patch_size) ** 2 + 1
-    pos = self.param('positional_embedding', _param(nn.initializers.normal(self.width ** -0.5),
-                                                     ('length', 'embed')),
-                     (num_tokens, self.width), jnp.float32)
+    grid = self.image_size // self.patch_size
+    num_tokens = grid ** 2 + 1
+    if self.posemb == 'learn':
+      pos = self.param('positional_embedding', _param(
+          nn.initializers.normal(self.width ** -0.5), ('length', 'embed')),
+                       (num_tokens, self.width), jnp.float32)
+    elif self.posemb == 'sincos2d':
+      pos = jnp.concatenate([jnp.zeros((1, self.width)), posemb_sincos_2d(grid, self.width)])
+    else:
+      raise ValueError(f"posemb: {self.posemb!r} is not 'learn' or 'sincos2d'")
     if x.shape[1] != num_tokens:
       raise ValueError(f'images of {h}x{w} give {x.shape[1]} tokens; the model was built for '
                        f'image_size={self.image_size} ({num_tokens} tokens)')

@@ -50,6 +50,38 @@ def zero_shot_prompts(attribute: str, value: str) -> list[str]:
   return sorted(set(prompts))
 
 
+def full_prompt(fields: dict[str, str]) -> str:
+  """The zero-shot template with every attribute named (`fields`: attribute → value name)."""
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  return captioned_shapes.fix_articles(ZERO_SHOT_TEMPLATE.format(**dict(
+      fields, size=fields['size'] + ' ',
+      position=' ' + captioned_shapes.position_phrases(fields['position'])[0])))
+
+
+# Read apart from the others as well: the attributes captions name only sometimes.
+GIVEN_REST_ATTRIBUTES = ('size', 'position')
+
+
+def given_rest_prompts(attribute: str, labels: dict[str, np.ndarray]) -> list[str]:
+  """For each image (`labels`: attribute → [N] indices), the full prompt of each value of
+  `attribute` with every other attribute as the image has it: [N * num_values], image-major.
+  Whether an embedding holds the attribute at all, which prompts averaged over the other
+  attributes (`zero_shot_prompts`) can hide."""
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  names = captioned_shapes.ATTRIBUTES
+  prompts = []
+  for i in range(len(labels[attribute])):
+    fields = {k: names[k][int(labels[k][i])] for k in names}
+    prompts.extend(full_prompt(dict(fields, **{attribute: value})) for value in names[attribute])
+  return prompts
+
+
+def given_rest_accuracy(emb: np.ndarray, classes: np.ndarray, labels: np.ndarray) -> float:
+  """How often each embedding [N, D] is nearest its own value among its classes [N, K, D]."""
+  predicted = np.argmax(np.einsum('nd,nkd->nk', emb, classes), axis=1)
+  return float(np.mean(predicted == labels))
+
+
 TOKENIZER_KINDS = ('auto', 'words', 'clip_bpe')
 # Zero-shot prompts for data with class labels (`config.data.label_key`), CLIP's style, when
 # the config names none; the class embedding averages them (prompt ensembling).
@@ -326,6 +358,12 @@ class Stage:
         params, [zero_shot_prompts(attribute, value)
                  for value in captioned_shapes.ATTRIBUTES[attribute]])
 
+  def given_rest_classifier(self, params, attribute: str, labels: dict) -> np.ndarray:
+    """The built-in data: per image, unit embeddings [N, num_values, D] of `attribute`'s
+    values with the image's other attributes (`given_rest_prompts`)."""
+    classes = self.embed_texts(params, given_rest_prompts(attribute, labels))
+    return classes.reshape(len(labels[attribute]), -1, classes.shape[-1])
+
   def class_embeddings(self, params, prompts_per_class: list[list[str]]) -> np.ndarray:
     """Unit class embeddings [C, D]: each class's prompts embedded and averaged."""
     rows = []
@@ -357,6 +395,10 @@ class Stage:
         classes = self.zero_shot_classifier(params, attribute)
         predicted = np.argmax(image_emb @ classes.T, axis=1)
         metrics[f'zero_shot_{attribute}_accuracy'] = float(np.mean(predicted == data[attribute]))
+      for attribute in GIVEN_REST_ATTRIBUTES:
+        classes = self.given_rest_classifier(params, attribute, data)
+        metrics[f'zero_shot_{attribute}_given_rest_accuracy'] = given_rest_accuracy(
+            image_emb, classes, data[attribute])
     if 'label' in data:
       metrics.update(zero_shot_accuracy(image_emb, self.label_classifier(params), data['label']))
     _, encode_text = self._compiled_encoders()

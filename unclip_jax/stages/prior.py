@@ -320,6 +320,12 @@ class Stage:
       for name, emb in (('pred', pred), ('image', image), ('text', text)):
         accuracy = np.mean(np.argmax(emb[keep] @ classes.T, 1) == labels[keep])
         metrics[f'{prefix}_{name}'] = float(accuracy)
+    if sources.source_name(self.config.data) == 'shapes':
+      for attribute in clip_stage.GIVEN_REST_ATTRIBUTES:
+        classes = self.clip.stage.given_rest_classifier(self.clip.params, attribute, data)
+        for name, emb in (('pred', pred), ('image', image)):
+          metrics[f'zero_shot_{attribute}_given_rest_accuracy_{name}'] = (
+              clip_stage.given_rest_accuracy(emb, classes, data[attribute]))
     return metrics
 
   def sample(self, params, workdir, step):
