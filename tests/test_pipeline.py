@@ -193,3 +193,21 @@ def test_interpolation_and_text_diff_keep_raw_embedding_norms(pipe, monkeypatch)
   edited = pipe.text_diff(a, 'x', 'y', num_frames=3)
   np.testing.assert_allclose(np.linalg.norm(edited, axis=1), np.linalg.norm(a), rtol=1e-5)
   np.testing.assert_allclose(edited[0], a, rtol=1e-5)
+
+
+def test_sharded_over_devices_the_images_are_those_of_one_device(untrained_run):
+  import jax  # pylint: disable=g-import-not-at-top
+  prompts = PROMPTS * 4
+  one = pipeline_lib.UnclipPipeline.from_run(untrained_run)
+  expected = one.text_to_image(prompts, seed=3)
+  devices = jax.local_devices()[:4]
+  sharded = pipeline_lib.UnclipPipeline.from_run(untrained_run).shard_over(devices)
+  out = sharded.text_to_image(prompts, seed=3)
+  np.testing.assert_allclose(out.images, expected.images, atol=2e-3)
+  np.testing.assert_allclose(out.image_embeddings, expected.image_embeddings, atol=1e-4)
+  # The prompts are split over the four devices.
+  tokens = sharded._place(sharded.encode_prompts(prompts))
+  assert {s.device for s in tokens.addressable_shards} == set(devices)
+  with pytest.raises(ValueError, match="a batch of 6 does not split over the pipeline's 4 "
+                                       'devices: use a multiple of 4'):
+    sharded.text_to_image(PROMPTS * 3)

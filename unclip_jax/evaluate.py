@@ -16,8 +16,9 @@ source the run trained on), or a file: `.txt` (one per line) or `.jsonl` (`--cap
 
 Images are generated `--batch_size` at a time; each batch's Inception features, CLIP scores and
 images are written to OUT/<setting>/batch_NNNNN.npz as soon as it is done, so a stopped or
-killed run resumes without regenerating finished batches. With `--distributed` each process
-generates every process_count-th batch and process 0 writes the report.
+killed run resumes without regenerating finished batches. Each batch is split over the process's
+devices (as many as divide --batch_size); with `--distributed` each process generates every
+process_count-th batch and process 0 writes the report.
 
 Writes OUT/report.json (per guidance setting: FID, KID, precision/recall, CLIP score, the number
 of images), OUT/<setting>/grid.png (the first images with their prompts) and, with more than one
@@ -247,6 +248,15 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
   prompts = read_captions(captions, num, run, caption_key)
   pipe = pipeline_lib.UnclipPipeline.from_run(run)
   pipe.encode_prompts(prompts, truncate=True)        # refuse bad prompts before generating
+  devices = jax.local_devices()
+  if len(devices) > 1:
+    # Each batch split over this process's devices: as many as divide the batch.
+    used = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+    if used < len(devices):
+      logging.warning('--batch_size=%d splits over %d of this process\'s %d devices; a multiple '
+                      'of %d uses them all', batch_size, used, len(devices), len(devices))
+    if used > 1:
+      pipe.shard_over(devices[:used])
   ref_stats, ref_features = reference_statistics(reference, run, num, features_fn, out_dir)
   settings = []
   for prior, decoder in itertools.product(_scales(prior_guidance), _scales(decoder_guidance)):

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
@@ -190,6 +191,34 @@ class UnclipPipeline:
     return cls.from_workdirs(clip=sub('clip'), prior=sub('prior'), decoder=sub('decoder'),
                              upsamplers=[sub(d) for d in ups])
 
+  def shard_over(self, devices: Optional[Sequence[jax.Device]] = None) -> 'UnclipPipeline':
+    """Generates data-parallel from now on: every stage's parameters replicated on `devices`
+    (default: this process's), each call's prompts split over them (its batch must divide
+    evenly). The images are those of one device, up to float rounding: the noise is drawn for
+    the whole batch. Returns the pipeline."""
+    devices = list(devices or jax.local_devices())
+    mesh = Mesh(np.asarray(devices), ('data',))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.clip.params = jax.device_put(self.clip.params, replicated)
+    for name, part in self._stages.items():
+      if part is not None:
+        self._stages[name] = (part[0], jax.device_put(part[1], replicated))
+    self.upsamplers = [(stage, jax.device_put(params, replicated))
+                       for stage, params in self.upsamplers]
+    self._batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
+    return self
+
+  def _place(self, batch: np.ndarray):
+    """A batch's array split over the devices of `shard_over` (as it is without it)."""
+    sharding = getattr(self, '_batch_sharding', None)
+    if sharding is None:
+      return batch
+    n = sharding.mesh.size
+    if len(batch) % n:
+      raise ValueError(f'a batch of {len(batch)} does not split over the pipeline\'s {n} '
+                       f'devices: use a multiple of {n}')
+    return jax.device_put(batch, sharding)
+
   @property
   def resolution(self) -> int:
     """The final images' size."""
@@ -342,7 +371,7 @@ class UnclipPipeline:
         'decoder': [B, r, r, 3], 'upsamplers': [[B, R, R, 3], ...]} (any subset).
       on_stage: called with (stage name, seconds) after each stage (progress reporting).
     """
-    tokens = self.encode_prompts(prompts, truncate)
+    tokens = self._place(self.encode_prompts(prompts, truncate))
     noise = dict(noise or {})
     unknown = set(noise) - {'prior', 'decoder', 'upsamplers'}
     if unknown:
