@@ -147,6 +147,26 @@ def test_patched_model_folds_pixels_into_channels():
                                            encoder_states=_normal((1, 5, 8), 0))
 
 
+def test_coordinate_channels_let_a_constant_input_give_a_placed_output():
+  coords = np.asarray(unet_lib.coordinate_channels(2, 4, 8))
+  assert coords.shape == (2, 4, 8, 2)
+  np.testing.assert_allclose(coords[0, 0, 0], [-7 / 8, -3 / 4])    # x, y of the top-left centre
+  np.testing.assert_allclose(coords[1, 3, 7], [7 / 8, 3 / 4])
+  np.testing.assert_allclose(coords[0, 2, :, 0], (np.arange(8) + 0.5) / 4 - 1)
+  # A constant image: a purely convolutional U-Net's output is the same at every pixel away
+  # from the borders (here 24 pixels, beyond its receptive field); with coordinates it is not,
+  # and conv_in reads two more channels.
+  x = jnp.full((1, 64, 64, 3), 0.3)
+  kw = dict(TINY, attention_resolutions=(), context_dim=None)
+  for with_coords in (False, True):
+    model = UNet(**dict(kw, coord_channels=with_coords))
+    params = _perturb(_random_params(model, x, jnp.zeros((1,))), scale=0.2)
+    assert params['conv_in']['kernel'].shape == (3, 3, 5 if with_coords else 3, 32)
+    out = np.asarray(_apply(model, params, x, jnp.array([5])))[0, 24:40, 24:40]
+    spread = np.abs(out - out[0, 0]).max()
+    assert (spread > 1e-2) if with_coords else (spread < 1e-5), (with_coords, spread)
+
+
 def test_conditioning_paths(decoder):
   model, _, params = decoder
   out = _apply(model, params, *_variants())

@@ -273,6 +273,14 @@ class AttentionBlock(nn.Module):
     return x + out.reshape(b, height, width, c)
 
 
+def coordinate_channels(batch: int, height: int, width: int, dtype=jnp.float32) -> jax.Array:
+  """[batch, height, width, 2]: each pixel centre's x and y, from -1 (left, top) to 1."""
+  y = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+  x = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+  grid = jnp.stack(jnp.meshgrid(x, y, indexing='xy'), axis=-1).astype(dtype)
+  return jnp.broadcast_to(grid[None], (batch, height, width, 2))
+
+
 class UNet(nn.Module):
   """ADM U-Net: (x_t [B, H, W, C_in], t [B]) → [B, H, W, out_channels] float32.
 
@@ -297,6 +305,10 @@ class UNet(nn.Module):
       gets the absolute colours of larger images wrong. Use fewer groups for narrow models.
     remat: rematerialise residual and attention blocks in the backward pass.
     patch_size: p×p pixels per position of the finest level (space-to-depth); 1 is ADM's.
+    coord_channels: append each pixel's x and y (in [-1, 1]) to the input as two channels
+      (CoordConv, Liu et al. 2018): convolutions are translation-equivariant and the attention
+      has no positions, so without them a global condition (a CLIP embedding that says "top
+      left") reaches a place in the image only through the zero padding at the borders.
     dtype: compute dtype (parameters stay float32).
   """
   model_channels: int
@@ -312,6 +324,7 @@ class UNet(nn.Module):
   norm_groups: int = 32
   remat: bool = False
   patch_size: int = 1
+  coord_channels: bool = False
   dtype: Dtype = jnp.float32
 
   @property
@@ -362,9 +375,13 @@ class UNet(nn.Module):
       return _constrain(res(channels, name=name, **res_kw, **kw)(h, emb, train))
 
     p = self.patch_size
+    x = x.astype(self.dtype)
+    if self.coord_channels:
+      x = jnp.concatenate([x, coordinate_channels(x.shape[0], x.shape[1], x.shape[2], x.dtype)],
+                          axis=-1)
     h = _constrain(conv(self.model_channels * self.channel_mult[0], 3, dtype=self.dtype,
                         axes=(None, None, 'channels', 'conv_out'),
-                        name='conv_in')(space_to_depth(x.astype(self.dtype), p)))
+                        name='conv_in')(space_to_depth(x, p)))
     skips = [h]
     last = len(self.channel_mult) - 1
     for level, mult in enumerate(self.channel_mult):

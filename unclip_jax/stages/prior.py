@@ -321,11 +321,19 @@ class Stage:
         accuracy = np.mean(np.argmax(emb[keep] @ classes.T, 1) == labels[keep])
         metrics[f'{prefix}_{name}'] = float(accuracy)
     if sources.source_name(self.config.data) == 'shapes':
+      # Size and position with the other attributes given: of the true image embeddings, and of
+      # the sampled ones where the caption names them (elsewhere the prior has to guess).
+      from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
       for attribute in clip_stage.GIVEN_REST_ATTRIBUTES:
         classes = self.clip.stage.given_rest_classifier(self.clip.params, attribute, data)
-        for name, emb in (('pred', pred), ('image', image)):
-          metrics[f'zero_shot_{attribute}_given_rest_accuracy_{name}'] = (
-              clip_stage.given_rest_accuracy(emb, classes, data[attribute]))
+        labels = data[attribute][:n]
+        metrics[f'zero_shot_{attribute}_given_rest_accuracy_image'] = (
+            clip_stage.given_rest_accuracy(image, classes[:n], labels))
+        asked = np.array([captioned_shapes.mentions(str(c), attribute, int(v))
+                          for c, v in zip(data['caption'][:n], labels)], bool)
+        if asked.any():
+          metrics[f'zero_shot_{attribute}_given_rest_accuracy_pred_asked'] = (
+              clip_stage.given_rest_accuracy(pred[asked], classes[:n][asked], labels[asked]))
     return metrics
 
   def sample(self, params, workdir, step):
