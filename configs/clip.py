@@ -12,6 +12,14 @@ Run:
 Expected (tiny, 1 CPU process, ~4 min on 2 cores): held-out zero-shot accuracy on the built-in
 data around 1.0 for colour and background and >0.9 for shape (chance: 1/8, 1/8, 1/4); see the
 run's eval_metrics.json.
+Position is what a CLIP learns last here: random batches seldom hold two captions that differ
+only by it. Measured on 2 cores (zero-shot accuracy, prompts averaged over the other attributes;
+in brackets with the image's other attributes given):
+  tiny as it is, 1200 steps, 5 min: shape 0.985, size 0.64, position 0.11 (chance 0.11)
+  --config.data.counterfactual_negatives=True --config.model.vision.posemb=sincos2d,
+    1200 steps, 6 min: shape 0.79 (0.99), size 0.61 (0.97), position 0.33 (0.41)
+    3000 steps (--config.num_train_steps=3000), 14 min: shape 0.91 (1.00), size 0.76 (1.00),
+    position 0.94 (1.00); counterfactual negatives alone at 1200 steps: position 0.15 (0.23)
 On your own data (see the README), e.g. img2dataset's webdataset shards:
   python -m unclip_jax.main --config=configs/clip.py:tiny --workdir=runs/clip_cc3m \
       --config.data.source=webdataset --config.data.paths='/data/cc3m/{00000..00331}.tar' \
