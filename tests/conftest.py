@@ -40,7 +40,8 @@ def pytest_configure(config):
 # --config=configs/unclip.py:tiny`), shortened, on the user's-data path: the built-in images
 # written as webdataset tars (32px PNG, caption, JSON attributes) are its data, so it reads
 # shards, tokenizes with CLIP's BPE, evaluates with the dataset-agnostic metrics (zero-shot by
-# the JSON's shape label) and reports the CLIP score. It runs as a subprocess on one device,
+# the JSON's shape label) and reports the CLIP score and the pixel checker's reading (by the
+# JSON's attributes). It runs as a subprocess on one device,
 # starting when the data directory is made and training while the in-process tests run; the
 # tests that read it go last. Its stages are the learning checks: CLIP, the prior on the CLIP's
 # precomputed 32px embeddings, the decoder at 16px on the same embeddings (the shards' images
@@ -72,6 +73,7 @@ def job_data_overrides(folder: str) -> tuple:
   paths = fixtures.job_shard_paths(folder, n['num_train'], n['num_test'], n['per_shard'])
   return ('--config.data.source=webdataset', f'--config.data.paths={paths["paths"]}',
           f'--config.data.eval_paths={paths["eval_paths"]}', '--config.data.label_key=shape',
+          '--config.data.attribute_labels=True',
           f'--config.data.class_names={",".join(captioned_shapes.SHAPES)}')
 
 _JOB_KEY = pytest.StashKey()

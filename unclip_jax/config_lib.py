@@ -171,6 +171,10 @@ def data_defaults(resolution=32) -> ml_collections.ConfigDict:
   # The train split never shows captioned_shapes.HELD_OUT_COMBINATIONS (e.g. a red circle); the
   # job samples prompts with and without them.
   d.held_out_combinations = True
+  # Another source's samples label the built-in dataset's attributes by name (JSON fields shape,
+  # color, background, size, position: e.g. shards written from it): batches carry them, as the
+  # built-in data's do, and the job reads its samples with the pixel checker.
+  d.attribute_labels = False
   d.worker_count = 0            # grain worker processes; 0 decodes in the main process
   # Threads reading records ahead of the decoding (grain's ReadOptions): they pay off when reads
   # wait on storage. The built-in dataset is local and small, and on a few cores grain's default
@@ -197,6 +201,7 @@ def job_data() -> ml_collections.ConfigDict:
                'num_train', 'num_test', 'seed'):
     d[name] = ph(int)
   d.held_out_combinations = ph(bool)
+  d.attribute_labels = ph(bool)
   return d
 
 

@@ -301,8 +301,9 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Held-out captions → images through the pipeline, scored: the CLIP score of each image
   against its prompt under the job's CLIP, beside the held-out images' own and that of each
   generated image against another image's prompt (any data); on the
-  built-in data also the pixel checker's reading of them and of the dataset's own images at the
-  same resolution. Writes workdir/sample/."""
+  built-in data (or data labelled with its attributes, `config.data.attribute_labels`) also the
+  pixel checker's reading of them and of the dataset's own images at the same resolution. Writes
+  workdir/sample/."""
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
   from unclip_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -315,6 +316,8 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   configs = stage_configs(config, workdir)
   final = configs['upsampler'] if pipe.upsamplers else configs['decoder']
   builtin = sources.source_name(final.data) == 'shapes'
+  # The pixel checker reads the samples wherever the held-out data has the built-in attributes.
+  checked = builtin or bool(final.data.get('attribute_labels'))
   if builtin and final.data.get('held_out_combinations', True):
     real = _seen_and_unseen_prompts(final.data, s.num_prompts)
   else:
@@ -343,7 +346,7 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scalars = {'generated/clip_score': report['clip_score'],
              'real/clip_score': report['clip_score_real']}
   readings = None
-  if builtin:
+  if checked:
     from unclip_jax.data import shape_checker  # pylint: disable=g-import-not-at-top
     labels = {k: real[k] for k in ('color', 'background', 'shape', 'size', 'position')}
     readings = [shape_checker.analyze(image) for image in images]

@@ -454,3 +454,25 @@ def test_image_processing_resizes_the_shorter_side_and_crops(tmp_path):
   with pytest.raises(image_processing.ImageError, match='below config.data.min_size=32'):
     image_processing.process(buf.getvalue(), 10, min_size=32)
   del tmp_path
+
+
+def test_webdataset_with_attribute_labels_carries_the_built_in_attributes(shapes_shards,
+                                                                          tmp_path):
+  from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  d = data_config(source='webdataset', paths=shapes_shards['train'], attribute_labels=True)
+  batch = next(iterator(d, batch_size=8))
+  for i, key in enumerate(batch['key']):
+    names = shapes_shards['examples'][key]['labels']
+    for k, values in captioned_shapes.ATTRIBUTES.items():
+      assert batch[k].dtype == np.int32 and values[batch[k][i]] == names[k], (key, k)
+  assert 'shape' not in next(iterator(data_config(source='webdataset',
+                                                  paths=shapes_shards['train'])))
+  # A sample whose label is not one of the dataset's names is skipped as bad JSON, named.
+  ex = dict(next(iter(shapes_shards['examples'].values())))
+  bad = dict(ex, key='bad', labels=dict(ex['labels'], position='upstairs'))
+  pattern = fixtures.write_shapes_shards([bad, ex], str(tmp_path), 'mixed-', 2)
+  ip.reset_skip_counts()
+  it = iterator(data_config(source='webdataset', paths=pattern, attribute_labels=True),
+                batch_size=1, num_epochs=1, shuffle=False)
+  assert [b['key'][0] for b in it] == [ex['key']]
+  assert ip.skip_counts()['bad_json'] == 1

@@ -27,6 +27,8 @@ Batches are dicts of numpy arrays::
   label     int32   [B]          with `config.data.label_key`: the index of the sample's class in
                                  `config.data.class_names` (-1 for none of them)
   shape, color, background, size, position, id   int32 [B]   the built-in data's attributes
+                                 (and, but for `id`, another source's with
+                                 `config.data.attribute_labels`)
 
 With `config.data.embeddings_dir` (see `unclip_jax.data.embeddings`) batches also carry
 `clip_image_emb` and `clip_text_emb` float32 [B, D], looked up by key.
@@ -147,6 +149,7 @@ class ProcessExample(grain.transforms.Map):
     names = class_names(data_config)
     self.class_index = {n: i for i, n in enumerate(names)} if names else None
     self.shapes = sources.source_name(data_config) == 'shapes'
+    self.attribute_labels = not self.shapes and bool(data_config.get('attribute_labels'))
     self.where = where
     # The built-in data's counterfactual negatives (see `check_data_config`): each example comes
     # with its twin, stacked ([2, ...] per field); `_Unpair` makes a batch of them flat again.
@@ -192,6 +195,14 @@ class ProcessExample(grain.transforms.Map):
     if self.shapes:
       for k in LABEL_KEYS:
         example[k] = np.int32(labels[k])
+    elif self.attribute_labels:
+      for k, names in captioned_shapes.ATTRIBUTES.items():
+        value = sources.field(labels, k)
+        if value not in names:
+          return dict(sources.skip('bad_json', key, raw.get('where') or self.where,
+                                   f'config.data.attribute_labels: the {k!r} label is {value!r}, '
+                                   f'not one of {list(names)}'), epoch=epoch)
+        example[k] = np.int32(names.index(value))
     if self.label_key:
       example['label'] = np.int32(self._label(sources.field(labels, self.label_key)))
     if self.counterfactuals:
