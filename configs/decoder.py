@@ -38,7 +38,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       attention_resolutions=(4,), num_head_channels=32, dropout=0.0,  # factors: 8px at 32px
       use_scale_shift_norm=True, resblock_updown=True, norm_groups=32, remat=False,
       patch_size=1,    # >1: space-to-depth, the finest level p times coarser
-      coord_channels=False))   # True: x, y input channels, so a condition can say where
+      coord_channels=False))   # True: x, y input channels (CoordConv; no position gain measured)
   c.model.context_width = 64          # width of the attention context tokens
   c.model.num_clip_tokens = 4         # CLIP embedding → 4 extra context tokens (paper)
   c.model.clip_emb_scale = ml_collections.config_dict.placeholder(float)  # None: sqrt(D)
