@@ -121,6 +121,7 @@ class UnclipPipeline:
     self.upsamplers = list(upsamplers)
     self._variants = {}
     self._compiled = {}
+    self._batch_sharding = None     # set by shard_over
     dim = clip.config.model.embed_dim
     for name, part in self._stages.items():
       if part is not None and part[0].clip.config.model.embed_dim != dim:
@@ -210,7 +211,7 @@ class UnclipPipeline:
 
   def _place(self, batch: np.ndarray):
     """A batch's array split over the devices of `shard_over` (as it is without it)."""
-    sharding = getattr(self, '_batch_sharding', None)
+    sharding = self._batch_sharding
     if sharding is None:
       return batch
     n = sharding.mesh.size

@@ -38,24 +38,21 @@ def zero_shot_prompts(attribute: str, value: str) -> list[str]:
   for shape in names['shape']:
     for color in names['color']:
       for background in names['background']:
-        fields = dict(shape=shape, color=color, background=background, size='', position='')
-        if attribute == 'size':
-          fields['size'] = value + ' '
-        elif attribute == 'position':
-          fields['position'] = ' ' + captioned_shapes.position_phrases(value)[0]
-        else:
-          fields[attribute] = value
+        fields = dict(shape=shape, color=color, background=background)
+        fields[attribute] = value
         if fields['color'] != fields['background']:
-          prompts.append(captioned_shapes.fix_articles(ZERO_SHOT_TEMPLATE.format(**fields)))
+          prompts.append(full_prompt(fields))
   return sorted(set(prompts))
 
 
 def full_prompt(fields: dict[str, str]) -> str:
-  """The zero-shot template with every attribute named (`fields`: attribute → value name)."""
+  """The zero-shot template for `fields` (attribute → value name); size and position are
+  optional, the others required."""
   from unclip_jax.data import captioned_shapes  # pylint: disable=g-import-not-at-top
+  size, position = fields.get('size'), fields.get('position')
   return captioned_shapes.fix_articles(ZERO_SHOT_TEMPLATE.format(**dict(
-      fields, size=fields['size'] + ' ',
-      position=' ' + captioned_shapes.position_phrases(fields['position'])[0])))
+      fields, size=f'{size} ' if size else '',
+      position=f' {captioned_shapes.position_phrases(position)[0]}' if position else '')))
 
 
 # Read apart from the others as well: the attributes captions name only sometimes.
