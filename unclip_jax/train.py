@@ -331,6 +331,14 @@ def checkpoint_manager(workdir: str, config):
                                options=options)
 
 
+def is_finished(workdir: str, config) -> bool:
+  """Whether `workdir` holds the export and evaluation of a run that reached its last step."""
+  if not all(os.path.exists(os.path.join(workdir, f))
+             for f in ('eval_metrics.json', os.path.join('export', 'config.json'))):
+    return False
+  return checkpoint_manager(workdir, config).latest_step() == config.num_train_steps
+
+
 def save_checkpoint(manager, state: TrainState, data_iter, config):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import grain  # pylint: disable=g-import-not-at-top

@@ -63,15 +63,6 @@ def check_chain(config: ml_collections.ConfigDict):
         f'({decoder_norm}) differ: the decoder would not read the prior\'s embeddings')
 
 
-def _finished(stage_dir: str, config) -> bool:
-  """Whether `stage_dir` holds an export and evaluation of a run that reached its last step."""
-  if not all(os.path.exists(os.path.join(stage_dir, f))
-             for f in ('eval_metrics.json', os.path.join('export', 'config.json'))):
-    return False
-  from unclip_jax import train  # pylint: disable=g-import-not-at-top
-  return train.checkpoint_manager(stage_dir, config).latest_step() == config.num_train_steps
-
-
 # What a stage's parameters do not depend on: run bookkeeping, evaluation and sampling settings,
 # the device layout, the step count (more steps resume a finished stage, they do not restart
 # it), paths derived from the job's directory, and the data loader's performance knobs.
@@ -261,7 +252,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_inputs(name, stage_dir, inputs, config.get('stale_stages', 'retrain'), workdir)
     if name in CLIP_CONDITIONED and config.precompute_embeddings:
       _ensure_embeddings(configs, workdir)
-    if _finished(stage_dir, configs[name]):
+    if train.is_finished(stage_dir, configs[name]):
       logging.info('Stage %s: finished earlier in %s; skipped', name, stage_dir)
       with open(os.path.join(stage_dir, 'eval_metrics.json')) as f:
         metrics = json.load(f)
