@@ -40,4 +40,7 @@ test -f run_clip/export/config.json
 { "$TMP/venv/bin/unclip-sample" --helpfull 2>&1 || true; } | grep -q -- '--prompts_file'
 { "$PY" -m unclip_jax.data.prepare --helpfull 2>&1 || true; } | grep -q -- '--records_per_shard'
 "$PY" -m unclip_jax.convert --help > /dev/null
+# The installed sweep files, from outside the tree.
+"$TMP/venv/bin/unclip-sweep" --config=configs/clip.py:tiny --sweep=configs/sweeps/clip_tiny.py \
+  --workdir=sweep --emit=commands | grep -c -- '--point=' | grep -qx 3
 echo "non-editable install: OK"
