@@ -1,4 +1,9 @@
-"""One process of the two-process test (tests/test_multihost.py); 2 CPU devices each."""
+"""One process of the two-process test (tests/test_multihost.py); 2 CPU devices each.
+
+  multihost_worker.py WORKDIR DATA_DIR --distributed
+
+started with the environment launch/slurm.sbatch's --dry_run gives the process: it joins the job
+through `unclip_jax.multihost.initialize()`, as `--distributed` does."""
 
 import json
 import os
@@ -15,8 +20,12 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def main(port: str, process_id: str, workdir: str, data_dir: str):
-  jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=int(process_id))
+def main(workdir: str, data_dir: str, distributed: str):
+  assert distributed == '--distributed', distributed
+  from unclip_jax import multihost  # pylint: disable=g-import-not-at-top
+  multihost.initialize()
+  process_id = str(jax.process_index())
+  assert process_id == os.environ['SLURM_PROCID'] and jax.process_count() == 2
   from tests.helpers import tiny_clip_config  # pylint: disable=g-import-not-at-top
   from unclip_jax import stages, train  # pylint: disable=g-import-not-at-top
   config = tiny_clip_config(data_dir, num_train_steps=6)

@@ -186,7 +186,7 @@ def main(argv):
   from unclip_jax.stages import prior as prior_stage  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    multihost.initialize()
   config = FLAGS.config
   if not config.clip.get('workdir'):
     raise SystemExit('embeddings: set --config.clip.workdir to the trained (or converted) CLIP')
@@ -214,8 +214,8 @@ def run():
   flags.DEFINE_integer('batch_size', 256, 'Images per CLIP call (per process).')
   flags.DEFINE_integer('chunk_size', 4096, 'Embeddings per output part (the unit of resuming).')
   flags.DEFINE_bool('overwrite', False, 'Replace an --out folder holding other embeddings.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (pods, '
-                    'clusters).')
+  flags.DEFINE_bool('distributed', False, 'Join a multi-process job first (TPU pods, SLURM: '
+                    'unclip_jax.multihost).')
   flags.mark_flags_as_required(['config', 'out'])
   app.run(main, flags_parser=cli.parse_flags)
 

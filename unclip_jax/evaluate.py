@@ -57,7 +57,8 @@ def define_flags():
   flags.DEFINE_list('prior_guidance', None, 'Prior guidance scales (default: the config\'s).')
   flags.DEFINE_list('decoder_guidance', None, 'Decoder guidance scales (default: the config\'s).')
   flags.DEFINE_integer('kid_subset_size', 1000, 'KID subset size (cut to the number of images).')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first.')
+  flags.DEFINE_bool('distributed', False, 'Join a multi-process job first (TPU pods, SLURM: '
+                    'unclip_jax.multihost).')
   flags.mark_flags_as_required(['run', 'inception', 'out'])
 
 
@@ -319,9 +320,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.quiet_logging()
-  import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    from unclip_jax import multihost  # pylint: disable=g-import-not-at-top
+    multihost.initialize()
   try:
     report = evaluate(FLAGS.run, FLAGS.inception, FLAGS.out, captions=FLAGS.captions,
                       reference=FLAGS.reference, num=FLAGS.num, batch_size=FLAGS.batch_size,

@@ -19,8 +19,8 @@ config_flags.DEFINE_config_file('config', None, 'Stage config file, e.g. configs
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples. Resumes if it '
                     'already holds a checkpoint.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host: '
-                  'TPU pods and SLURM/GPU clusters are detected automatically).')
+flags.DEFINE_bool('distributed', False, 'Join a multi-process job first (TPU pods, SLURM: '
+                    'unclip_jax.multihost).')
 cli.define_verbose_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -30,9 +30,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.quiet_logging()
   import jax  # pylint: disable=g-import-not-at-top
-  from unclip_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib, multihost, train  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    multihost.initialize()
   logging.info('JAX processes: %d/%d, devices: %s', jax.process_index() + 1, jax.process_count(),
                jax.devices())
   try:

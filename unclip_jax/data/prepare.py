@@ -169,7 +169,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    multihost.initialize()
   data = FLAGS.data
   try:
     report = prepare(data, FLAGS.out, resolution=FLAGS.resolution, splits=FLAGS.splits,
@@ -199,7 +199,8 @@ def run():
   flags.DEFINE_integer('quality', 95, 'JPEG/WebP quality.')
   flags.DEFINE_integer('workers', 0, 'Worker processes per process (0: this one).')
   flags.DEFINE_integer('records_per_shard', 2000, 'Random-access sources: records per shard.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first.')
+  flags.DEFINE_bool('distributed', False, 'Join a multi-process job first (TPU pods, SLURM: '
+                    'unclip_jax.multihost).')
   flags.mark_flags_as_required(['out', 'resolution'])
   app.run(main, flags_parser=cli.parse_flags)
 
