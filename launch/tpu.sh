@@ -147,9 +147,14 @@ on_all() {   # runs a shell command on every worker at once
 
 put_code() {
   if [ -n "$REPO" ]; then
-    local checkout="git -C unclip_jax fetch --quiet origin"
-    [ -z "$REF" ] || checkout+=" && git -C unclip_jax checkout --quiet $(printf %q "$REF")"
-    on_all "set -e; [ -d unclip_jax/.git ] || git clone --quiet $(printf %q "$REPO") unclip_jax; $checkout"
+    local checkout="git -C unclip_jax pull --quiet --ff-only" clone
+    clone="[ -d unclip_jax/.git ] || git clone --quiet $(quote "$REPO") unclip_jax"
+    # A branch, tag or commit: whatever it names on the remote now.
+    if [ -n "$REF" ]; then
+      checkout="git -C unclip_jax fetch --quiet origin $(quote "$REF")"
+      checkout+=" && git -C unclip_jax checkout --quiet --detach FETCH_HEAD"
+    fi
+    on_all "set -e; $clone; $checkout"
     return
   fi
   local root tarball
@@ -193,7 +198,9 @@ mkdir -p "$STATE_DIR"
 if [ "$DRY_RUN" = 0 ]; then
   printf '%s\n' "${COMMAND[@]}" > "$SAVED"
 fi
-REMOTE="cd unclip_jax && mkdir -p logs && $(for w in "${COMMAND[@]}"; do printf '%s ' "$(quote "$w")"; done)--distributed 2>&1 | tee -a \"logs/\$(hostname).log\"; exit \${PIPESTATUS[0]}"
+WORDS=$(for w in "${COMMAND[@]}"; do printf '%s ' "$(quote "$w")"; done)
+REMOTE="cd unclip_jax && mkdir -p logs && ${WORDS}--distributed 2>&1"
+REMOTE+=" | tee -a \"logs/\$(hostname).log\"; exit \${PIPESTATUS[0]}"
 restarts=0
 while true; do
   prepare_vm

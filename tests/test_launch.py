@@ -211,3 +211,20 @@ def test_distributed_args_from_the_environment():
     multihost.distributed_args(dict(SLURM, SLURM_PROCID='16'))
   with pytest.raises(ValueError, match='JAX_LOCAL_DEVICE_IDS'):
     multihost.distributed_args({'JAX_LOCAL_DEVICE_IDS': 'a,b'})
+
+
+def test_tpu_launcher_clones_a_repository_at_a_ref_when_asked(tmp_path):
+  result = _bash(['launch/tpu.sh', '--name=pod', '--zone=z', '--accelerator=v6e-8', '--queued',
+                  '--repo=https://example.com/unclip_jax.git', '--ref=v0.2', '--dry_run', '--',
+                  *TRAIN], env={'UNCLIP_LAUNCH_STATE': str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  commands = _commands(result.stdout)
+  assert commands[1] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'pod',
+                         '--node-id=pod', '--zone=z', '--accelerator-type=v6e-8',
+                         '--runtime-version=v2-alpha-tpuv6e']
+  assert not any('scp' in c for c in commands)
+  clone = shlex.split(commands[2][-1][len('--command='):].replace(';', ' ;'))
+  assert clone[clone.index('clone'):clone.index('clone') + 4] == [
+      'clone', '--quiet', 'https://example.com/unclip_jax.git', 'unclip_jax']
+  assert ['fetch', '--quiet', 'origin', 'v0.2'] == clone[clone.index('fetch'):
+                                                       clone.index('fetch') + 4]
