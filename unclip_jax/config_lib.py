@@ -113,6 +113,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.mesh.rules = DEFAULT_RULES
 
   c.log_every_steps = 50
+  c.progress_bar = False         # a tqdm bar of the steps (notebooks, terminals)
   c.eval_every_steps = 0         # 0: only at the end
   # Stop with an error (and never export) once this many updates in a row were skipped for a
   # non-finite loss or gradient; 0: never stop. Checked at each log step.

@@ -503,14 +503,32 @@ def create_writer(workdir: str):
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
-def _progress_hooks(config, writer):
+class _ProgressBar:
+  """A tqdm bar of the training steps (`config.progress_bar`; process 0): a widget in a
+  notebook, a line on a terminal."""
+
+  def __init__(self, config, start: int):
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit='step',
+                         desc=config.get('stage') or 'train', dynamic_ncols=True)
+
+  def __call__(self, step: int):
+    self.bar.update(step - self.bar.n)
+    if step >= self.bar.total:
+      self.bar.close()
+
+
+def _progress_hooks(config, writer, start: int = 0) -> list:
+  hooks = []
+  if config.get('progress_bar') and jax.process_index() == 0:
+    hooks.append(_ProgressBar(config, start))
   try:
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return []
-  hooks = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                           writer=writer,
-                                           every_steps=config.log_every_steps)]
+    return hooks
+  hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                               writer=writer,
+                                               every_steps=config.log_every_steps))
   return hooks
 
 
@@ -625,8 +643,8 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
     batch_keys = list(stage.batch_spec(config.batch_size))
 
     writer = create_writer(workdir)
-    hooks = _progress_hooks(config, writer)
     start = int(jax.device_get(state.step))
+    hooks = _progress_hooks(config, writer, start)
     history = []
     eval_metrics = {}
     divergence = _Divergence(config, int(jax.device_get(state.nonfinite_steps)))

@@ -67,7 +67,8 @@ def check_chain(config: ml_collections.ConfigDict):
 # the device layout, the step count (more steps resume a finished stage, they do not restart
 # it), paths derived from the job's directory, and the data loader's performance knobs.
 _NOT_INPUTS = ('checkpoint', 'eval', 'eval_every_steps', 'log_every_steps',
-               'max_nonfinite_steps', 'mesh', 'num_train_steps', 'sample_every_steps',
+               'max_nonfinite_steps', 'mesh', 'num_train_steps', 'progress_bar',
+               'sample_every_steps',
                'sampling', 'clip.workdir', 'data.embeddings_dir', 'data.eval_paths',
                'data.eval_split', 'data.num_test', 'data.read_buffer', 'data.read_threads',
                'data.worker_count')

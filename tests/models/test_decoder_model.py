@@ -91,3 +91,32 @@ def test_own_caption_transformer():
   variables = jax.jit(lambda k: model.init(k, **inputs))(_key())
   assert 'caption_transformer' in variables['params']
   assert jax.jit(model.apply)(variables, **inputs).shape == (2, 8, 8, 6)
+
+
+def test_the_clip_map_is_a_spatial_condition():
+  """clip_map_size: the embedding's s x s map reaches the U-Net's middle block, and its cells
+  are places, not one pooled vector: the same change made to the top-left cell or to the
+  bottom-right one changes the output differently (a global condition could not tell them
+  apart)."""
+  model = UnclipDecoder(unet=UNET, clip_dim=D, context_width=16, clip_map_size=2,
+                        clip_map_channels=8)
+  inputs = _inputs(np.random.default_rng(0))
+  params = helpers.random_params(lambda k: model.init(k, **inputs), scale=0.05, seed=1)
+  assert params['clip_to_map']['kernel'].shape == (D, 2 * 2 * 8)
+  assert params['unet']['cond_map_in']['kernel'].shape == (1, 1, 8, 64)   # mid block: 64 wide
+  base = _apply((model, params, inputs))
+
+  def with_cell_shifted(cell):
+    # The map's outputs are ordered (row, column, channel): cell k is columns 8k..8k+7.
+    kernel = np.asarray(params['clip_to_map']['kernel']).copy()
+    kernel[:, 8 * cell:8 * cell + 8] += 0.5
+    changed = {**params, 'clip_to_map': {**params['clip_to_map'], 'kernel': jnp.asarray(kernel)}}
+    return _apply((model, changed, inputs))
+
+  top_left, bottom_right = with_cell_shifted(0), with_cell_shifted(3)
+  assert np.abs(top_left - base).mean() > 1e-2
+  assert np.abs(top_left - bottom_right).mean() > 0.5 * np.abs(top_left - base).mean()
+  # Without the map the decoder has neither parameter (karlo's and the paper's).
+  plain = UnclipDecoder(unet=UNET, clip_dim=D, context_width=16)
+  shapes = jax.eval_shape(lambda k: plain.init(k, **inputs), _key())['params']
+  assert 'clip_to_map' not in shapes and 'cond_map_in' not in shapes['unet']

@@ -70,6 +70,13 @@ class UnclipDecoder(nn.Module):
     text_emb_to_time: also add Dense(text_emb) to the timestep embedding (karlo); `text_emb`
       [B, D] is then required.
     caption_norm: LayerNorm on the projected caption states (karlo).
+    clip_map_size: s > 0 adds a map of the CLIP embedding, Dense → [s, s, clip_map_channels], to
+      the U-Net's middle block (`UNet(cond_map=)`); 0: none (karlo, the paper). The timestep and
+      context-token paths are global, and the U-Net's convolutions and attention have no notion
+      of place, so without the map nothing lets the embedding say *where* a thing goes (on the
+      built-in data, the decoder drew shapes at random places even from embeddings that held
+      their position).
+    clip_map_channels: channels of that map.
   """
   unet: dict
   clip_dim: int
@@ -80,6 +87,8 @@ class UnclipDecoder(nn.Module):
   clip_emb_scale: Optional[float] = None
   text_emb_to_time: bool = False
   caption_norm: bool = False
+  clip_map_size: int = 0
+  clip_map_channels: int = 64
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -122,9 +131,14 @@ class UnclipDecoder(nn.Module):
     mask = caption_mask if drop_text is None else caption_mask & ~drop_text[:, None]
     context = jnp.concatenate([clip_tokens.astype(self.dtype), states.astype(self.dtype)], 1)
     context_mask = jnp.concatenate([jnp.ones((b, self.num_clip_tokens), bool), mask], 1)
+    cond_map = None
+    if self.clip_map_size:
+      s, c = self.clip_map_size, self.clip_map_channels
+      cond_map = dense(s * s * c, ('proj', 'mlp'), dtype=self.dtype,
+                       name='clip_to_map')(clip_emb).reshape(b, s, s, c)
     return UNet(context_dim=self.context_width, dtype=self.dtype, name='unet', **self.unet)(
         x_t, t, emb_extra=emb_extra, encoder_states=context, encoder_mask=context_mask,
-        train=train)
+        train=train, cond_map=cond_map)
 
   def _text_emb(self, text_emb, drop_text, batch):
     """The float32 text embedding [B, D] for `text_emb_to_time` (zero where dropped), or None."""

@@ -340,7 +340,8 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, emb_extra: Optional[jax.Array] = None,
                encoder_states: Optional[jax.Array] = None,
-               encoder_mask: Optional[jax.Array] = None, train: bool = False) -> jax.Array:
+               encoder_mask: Optional[jax.Array] = None, train: bool = False,
+               cond_map: Optional[jax.Array] = None) -> jax.Array:
     """Predicts the diffusion output for noised images.
 
     Args:
@@ -350,6 +351,9 @@ class UNet(nn.Module):
       encoder_states: [B, S, context_dim] token encodings; required iff `context_dim` is set.
       encoder_mask: optional [B, S] bool, True where an encoder token may be attended.
       train: enables dropout (needs a 'dropout' rng when dropout > 0).
+      cond_map: optional [B, h, w, C_map] spatial condition: resized (bilinear) to the middle
+        block's grid and added to its input through a 1×1 convolution (`cond_map_in`), so that
+        a condition can say what goes where.
 
     Returns:
       [B, H, W, out_channels] float32.
@@ -398,6 +402,11 @@ class UNet(nn.Module):
           h = _constrain(Downsample(self.dtype, name=name)(h))
         skips.append(h)
 
+    if cond_map is not None:
+      grid = jax.image.resize(cond_map.astype(jnp.float32),
+                              (*h.shape[:3], cond_map.shape[-1]), 'linear')
+      h = h + conv(h.shape[-1], 1, dtype=self.dtype, axes=(None, None, 'channels', 'conv_out'),
+                   name='cond_map_in')(grid.astype(self.dtype))
     h = res_block(h, h.shape[-1], 'mid_res_0')
     if attends:
       h = attention(h, 'mid_attn')

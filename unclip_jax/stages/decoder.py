@@ -47,6 +47,8 @@ def build_model(config, clip_config) -> UnclipDecoder:
                        clip_emb_scale=m.get('clip_emb_scale'),
                        text_emb_to_time=m.get('text_emb_to_time', False),
                        caption_norm=m.get('caption_norm', False),
+                       clip_map_size=m.get('clip_map_size', 0),
+                       clip_map_channels=m.get('clip_map_channels', 64),
                        dtype=clip_stage.DTYPES[config.dtype])
 
 
