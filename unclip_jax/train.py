@@ -6,10 +6,8 @@ periodic logging, evaluation, sampling and checkpoints. The stage supplies its m
 evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stage it trains.
 """
 
-import glob
+import contextlib
 import logging
-import os
-import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -327,14 +325,13 @@ def checkpoint_manager(workdir: str, config):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoint.keep, create=True, cleanup_tmp_directories=True,
       enable_async_checkpointing=config.checkpoint.async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+  return ocp.CheckpointManager(workdir_lib.path(workdir) / 'checkpoints', options=options)
 
 
 def is_finished(workdir: str, config) -> bool:
   """Whether `workdir` holds the export and evaluation of a run that reached its last step."""
-  if not all(os.path.exists(os.path.join(workdir, f))
-             for f in ('eval_metrics.json', os.path.join('export', 'config.json'))):
+  root = workdir_lib.path(workdir)
+  if not all((root / f).exists() for f in ('eval_metrics.json', 'export/config.json')):
     return False
   return checkpoint_manager(workdir, config).latest_step() == config.num_train_steps
 
@@ -393,10 +390,11 @@ class _Saver:
       raise self._failed(step, e) from e
 
   def _failed(self, step: int, error: Exception) -> CheckpointSaveError:
-    directory = str(self.manager.directory)
+    directory = workdir_lib.path(self.manager.directory)
     if jax.process_index() == 0:
-      for partial in glob.glob(os.path.join(directory, f'{step}.orbax-checkpoint-tmp*')):
-        shutil.rmtree(partial, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        for partial in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
+          workdir_lib.remove_tree(partial)
     kept = [s for s in self.manager.all_steps() if s != step]
     intact = (f'the checkpoints already there (steps {sorted(kept)}) are untouched and the same '
               'command resumes from the newest' if kept else
@@ -453,16 +451,11 @@ def restore_newest_intact(manager, abstract_state, shardings, data_iter):
 
 
 def _move_aside(manager, step: int, error: Exception):
-  source = os.path.join(str(manager.directory), str(step))
-  target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_damaged')
-  target = os.path.join(target_dir, str(step))
-  if jax.process_index() == 0 and os.path.exists(source):
-    os.makedirs(target_dir, exist_ok=True)
-    suffix = 0
-    while os.path.exists(target):
-      suffix += 1
-      target = os.path.join(target_dir, f'{step}.{suffix}')
-    os.rename(source, target)
+  directory = workdir_lib.path(manager.directory)
+  source = directory / str(step)
+  target = workdir_lib.free_name(directory.parent / 'checkpoints_damaged' / str(step))
+  if jax.process_index() == 0 and source.exists():
+    workdir_lib.move(source, target)
   multihost.barrier(f'move_aside_{step}')
   logging.warning('Checkpoint step %d in %s is damaged (%s); moved it to %s and restored the '
                   'newest intact one', step, manager.directory,
@@ -538,10 +531,12 @@ def write_samples(writer, workdir: str, step: int, samples: Optional[dict]):
   if not samples or jax.process_index() != 0:
     return
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  folder = workdir_lib.path(workdir) / 'samples'
+  folder.mkdir(parents=True, exist_ok=True)
   grids = {name: image_grid(images) for name, images in samples.items()}
   for name, grid in grids.items():
-    Image.fromarray(grid).save(os.path.join(workdir, 'samples', f'{name}_{step:07d}.png'))
+    with (folder / f'{name}_{step:07d}.png').open('wb') as f:
+      Image.fromarray(grid).save(f, format='PNG')
   writer.write_images(step, {f'samples/{name}': grid[None] for name, grid in grids.items()})
 
 
@@ -609,7 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
   mesh = make_mesh(config)
   rules = logical_rules(config)
   tx = make_optimizer(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lib.locked(workdir), preemption.handle_signals():
     return _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx)
 
@@ -617,7 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
 def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
   """`train_and_evaluate` inside the run directory's lock and the signal handlers."""
   if jax.process_index() == 0:
-    workdir_lib.atomic_write_text(os.path.join(workdir, 'config.json'),
+    workdir_lib.atomic_write_text(workdir_lib.path(workdir) / 'config.json',
                                   config.to_json_best_effort(indent=2))
 
   local_batch = config.batch_size // jax.process_count()
@@ -712,7 +707,7 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
   if 'error' in eval_metrics:
     return eval_metrics   # no eval_metrics.json: a later run on this workdir evaluates again
   if jax.process_index() == 0 and eval_metrics:
-    workdir_lib.atomic_write_json(os.path.join(workdir, 'eval_metrics.json'), eval_metrics)
+    workdir_lib.atomic_write_json(workdir_lib.path(workdir) / 'eval_metrics.json', eval_metrics)
   return eval_metrics
 
 

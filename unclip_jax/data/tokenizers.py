@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from etils import epath
+
 import numpy as np
 
 try:  # OpenAI cleans text with ftfy; without it we fall back to NFC normalisation.
@@ -192,7 +194,8 @@ class ClipTokenizer(_Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | Path, context_length: int = 77) -> "ClipTokenizer":
-        """Load from a local file or directory (see the module docstring for the formats).
+        """Load from a file or directory, local or remote (gs://; see the module docstring for
+        the formats).
 
         Accepts OpenAI/open_clip's ``bpe_simple_vocab_16e6.txt.gz``, a Hugging Face
         ``merges.txt`` (with ``vocab.json`` beside it if present), ``vocab.json``
@@ -200,7 +203,7 @@ class ClipTokenizer(_Tokenizer):
         one of those directly or in a ``tokenizer/`` subfolder (HF model folder,
         diffusers pipeline). Raises FileNotFoundError / ValueError naming the path.
         """
-        file = _find_tokenizer_file(Path(path))
+        file = _find_tokenizer_file(epath.Path(path))
         cls._check_context_length(context_length)
         try:
             merges, vocab = _read_tokenizer_file(file)
@@ -273,7 +276,7 @@ def _openai_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 def tokenizer_files(path: str | Path) -> list[str]:
     """The file(s) the tokenizer at ``path`` is read from: the tokenizer file first, then a
     ``vocab.json`` that a ``merges.txt`` reads beside it."""
-    file = _find_tokenizer_file(Path(path))
+    file = _find_tokenizer_file(epath.Path(path))
     files = [str(file)]
     if file.name == "merges.txt" and file.with_name("vocab.json").is_file():
         files.append(str(file.with_name("vocab.json")))
@@ -296,7 +299,7 @@ def _find_tokenizer_file(path: Path) -> Path:
 def _read_tokenizer_file(file: Path) -> tuple[list[tuple[str, str]], dict[str, int] | None]:
     """Read ``(merges, vocab or None)`` from one tokenizer file of any supported format."""
     if file.name.endswith(".gz"):
-        with gzip.open(file, "rt", encoding="utf-8") as f:
+        with file.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         return _parse_merges(lines[1 : NUM_OPENAI_MERGES + 1]), None  # line 0 is a header, as in OpenAI
     if file.suffix == ".json":

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from unclip_jax import workdir as workdir_lib
 from unclip_jax.data import sources
 from unclip_jax.data import tokenizers
 from unclip_jax.stages import export
@@ -141,11 +142,15 @@ def resolve_tokenizer_path(config: ml_collections.ConfigDict, root: str):
   under `root`, e.g. relative to the working directory) are left as they are.
   """
   t = config.get('tokenizer')
-  if t is None or not t.get('path') or os.path.isabs(t.path):
+  if t is None or not t.get('path') or _is_absolute(t.path):
     return
-  candidate = os.path.join(root, t.path)
-  if os.path.exists(candidate):
-    t.path = candidate
+  candidate = workdir_lib.path(root) / t.path
+  if candidate.exists():
+    t.path = os.fspath(candidate)
+
+
+def _is_absolute(path: str) -> bool:
+  return os.path.isabs(path) or workdir_lib.is_remote(path)
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array):
@@ -444,14 +449,15 @@ def save_frozen(path: str, params, config: ml_collections.ConfigDict):
   text_tower = config.get('model', {}).get('text') is not None
   copies = {}
   if t is not None and text_tower and tokenizer_kind(config) == 'clip_bpe':
-    inside = t.path and not os.path.isabs(t.path) and os.path.exists(os.path.join(path, t.path))
+    root = workdir_lib.path(path)
+    inside = t.path and not _is_absolute(t.path) and (root / t.path).exists()
     # The vocabulary the run found itself (kind 'auto': an installed open_clip's), was given,
     # or (re-exporting) the copy inside the export being replaced.
     if inside:    # kept where it is: its files (a whole folder) go into the new export
-      source = os.path.join(os.path.abspath(path), t.path)
-      files = ([os.path.join(d, f) for d, _, names in os.walk(source) for f in names]
-               if os.path.isdir(source) else tokenizers.tokenizer_files(source))
-      copies = {os.path.relpath(f, os.path.abspath(path)): f for f in files}
+      source = root / t.path
+      files = (workdir_lib.files_under(source) if source.is_dir() else
+               [workdir_lib.path(f) for f in tokenizers.tokenizer_files(source)])
+      copies = {os.fspath(f.relative_to(root)): os.fspath(f) for f in files}
     else:
       source = t.path or (tokenizers.default_bpe_path() if t.kind == 'auto' else None)
       if source:
