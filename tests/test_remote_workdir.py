@@ -184,3 +184,26 @@ def test_a_clip_exported_to_cloud_storage_loads_with_its_tokenizer_and_re_export
     np.testing.assert_array_equal(np.asarray(loaded.encode_text(tokens)[0]),
                                   np.asarray(original.encode_text(tokens)[0]))
     clip_stage.save_frozen(remote, loaded.params, loaded.config)   # over itself
+
+
+def test_embedding_parts_on_cloud_storage_are_listed_only_when_whole_and_looked_up(gcs_bucket):
+  """Precomputed embeddings in a gs:// job directory: parts written in place count once their
+  state.json (written last) is there; the table reads them (whole, not memory-mapped) and
+  looks samples up by key."""
+  from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  folder = f'{gcs_bucket}/embeddings-{time.time_ns()}'
+  rng = np.random.default_rng(0)
+  keys = [[f'a{i}' for i in range(5)], [f'b{i}' for i in range(3)]]
+  emb = [rng.normal(size=(len(k), 4)).astype(np.float32) for k in keys]
+  for chunk, (k, e) in enumerate(zip(keys, emb)):
+    embeddings.write_part(folder, 'train', 0, chunk, k, e, -e, {'count': 5 * (chunk + 1)})
+  (workdir_lib.path(folder) / 'train' / embeddings.part_name(0, 2)).mkdir()
+  (workdir_lib.path(folder) / 'train' / embeddings.part_name(0, 2) / 'ids.npy').write_bytes(b'')
+  parts = embeddings.finished_parts(folder, 'train', 0)
+  assert [p.rsplit('/', 1)[1] for p in parts] == [embeddings.part_name(0, c) for c in (0, 1)]
+  assert parts[0].startswith('gs://') and embeddings.part_state(parts[1]) == {'count': 10}
+  table = embeddings.EmbeddingTable(folder, 'train')
+  found = table.lookup(['b2', 'a0', 'a4'])
+  np.testing.assert_array_equal(found['clip_image_emb'], np.stack([emb[1][2], emb[0][0],
+                                                                   emb[0][4]]))
+  np.testing.assert_array_equal(found['clip_text_emb'], -found['clip_image_emb'])

@@ -5,12 +5,14 @@ stages."""
 import glob
 import json
 import os
+import time
 
 import pytest
 from PIL import Image
 
 from configs import unclip as unclip_configs
 from unclip_jax import train_all
+from unclip_jax import workdir as workdir_lib
 
 from tests import helpers
 
@@ -187,33 +189,42 @@ def _fake_finishing_training(monkeypatch):
 
   def fake(config, workdir):
     trained.append(config.stage)
-    os.makedirs(os.path.join(workdir, 'checkpoints', str(config.num_train_steps)), exist_ok=True)
-    os.makedirs(os.path.join(workdir, 'export'), exist_ok=True)
-    for name in ('eval_metrics.json', os.path.join('export', 'config.json')):
-      with open(os.path.join(workdir, name), 'w') as f:
-        json.dump({'metric': 1.0}, f)
+    root = workdir_lib.path(workdir)
+    step = root / 'checkpoints' / str(config.num_train_steps)
+    step.mkdir(parents=True, exist_ok=True)
+    (step / 'commit_success.txt').write_text('')   # what orbax writes last on Cloud Storage
+    for name in ('eval_metrics.json', 'export/config.json'):
+      workdir_lib.atomic_write_json(root / name, {'metric': 1.0})
     return {'metric': 1.0}
 
   def fingerprint(workdir):
-    with open(os.path.join(workdir, 'clip', train_all.INPUTS_NAME)) as f:
-      return f'clip-lr-{json.load(f)["config"]["optim.lr"]}'
+    recorded = workdir_lib.read_json(workdir_lib.path(workdir) / 'clip' / train_all.INPUTS_NAME)
+    return f'clip-lr-{recorded["config"]["optim.lr"]}'
   monkeypatch.setattr(train, 'train_and_evaluate', fake)
   monkeypatch.setattr(train_all, '_clip_fingerprint', fingerprint)
   return trained
 
 
-def test_job_retrains_stages_whose_inputs_changed(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_job_retrains_stages_whose_inputs_changed(tmp_path, monkeypatch, caplog, request, where):
   """Each stage records its inputs. The CLIP retrained (its learning rate changed) makes the
   prior and decoder stale too (another CLIP fingerprint): the three are retrained, their old
   runs moved to stale/, the upsampler skipped. More steps resume a stage (not an input);
-  'refuse' stops with one line naming the change; 'keep' uses the stale stage."""
+  'refuse' stops with one line naming the change; 'keep' uses the stale stage. The same in a
+  job directory on Cloud Storage (a local emulator)."""
   trained = _fake_finishing_training(monkeypatch)
   config = unclip_configs.get_config('tiny')
   config.precompute_embeddings = config.overlap_upsampler = False
-  workdir = str(tmp_path / 'run')
+  if where == 'gs':   # nothing may reach the local disk (no 'gs:' folder in the working one)
+    workdir = f'{request.getfixturevalue("gcs_bucket")}/job-{time.time_ns()}/run'
+    monkeypatch.chdir(tmp_path)
+  else:
+    workdir = str(tmp_path / 'run')
+  root = workdir_lib.path(workdir)
+  stale = lambda: sorted(p.name for p in (root / 'stale').iterdir())
   train_all.train_stages(config, workdir)
   assert trained == list(train_all.STAGES)
-  recorded = json.load(open(os.path.join(workdir, 'prior', train_all.INPUTS_NAME)))
+  recorded = workdir_lib.read_json(root / 'prior' / train_all.INPUTS_NAME)
   assert recorded['clip_fingerprint'] == f'clip-lr-{config.clip.optim.lr}'
   assert recorded['config']['optim.lr'] == config.prior.optim.lr
   assert 'clip.workdir' not in recorded['config'] and 'eval.num_examples' not in recorded['config']
@@ -225,7 +236,7 @@ def test_job_retrains_stages_whose_inputs_changed(tmp_path, monkeypatch, caplog)
   config.clip.optim.lr = old_lr * 2
   train_all.train_stages(config, workdir)
   assert trained == ['clip', 'prior', 'decoder']
-  assert sorted(os.listdir(os.path.join(workdir, 'stale'))) == ['clip', 'decoder', 'prior']
+  assert stale() == ['clip', 'decoder', 'prior']
   assert (f'Stage prior was trained on other inputs (CLIP clip-lr-{old_lr} → clip-lr-'
           in caplog.text)
   assert f'optim.lr {old_lr!r} → {old_lr * 2!r}' in caplog.text
@@ -238,13 +249,14 @@ def test_job_retrains_stages_whose_inputs_changed(tmp_path, monkeypatch, caplog)
                      match=r'stage decoder in .*/run/decoder was trained on other inputs than '
                            r"this job's \(optim.lr .* → .*\); set --config.stale_stages=retrain"):
     train_all.train_stages(config, workdir)
-  assert trained == [] and sorted(os.listdir(os.path.join(workdir, 'stale'))) == [
-      'clip', 'decoder', 'prior']
+  assert trained == [] and stale() == ['clip', 'decoder', 'prior']
   config.stale_stages = 'keep'
   train_all.train_stages(config, workdir)
   assert trained == ['upsampler']
   assert 'Stage decoder in' in caplog.text and 'kept as it is' in caplog.text
-  assert not os.path.exists(os.path.join(workdir, 'stale', 'upsampler'))
+  assert not (root / 'stale' / 'upsampler').exists()
+  assert (root / 'stale' / 'prior' / 'export' / 'config.json').exists()
+  assert os.listdir(tmp_path) == (['run'] if where == 'local' else [])
 
 
 def test_sigterm_stops_the_job_after_the_stages_that_were_training_checkpointed(

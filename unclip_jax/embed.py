@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import multihost
+from unclip_jax import workdir as workdir_lib
 from unclip_jax.data import embeddings
 from unclip_jax.data import input_pipeline
 
@@ -58,7 +58,7 @@ def _embed(encode, params, batch_size, clip, examples: list[dict]):
 
 
 def _done_path(out_dir, split, process_index):
-  return os.path.join(out_dir, split, f'done-{process_index:05d}.json')
+  return os.fspath(workdir_lib.path(out_dir) / split / f'done-{process_index:05d}.json')
 
 
 def _prepare_dir(clip, data_config, out_dir, overwrite: bool) -> dict:
@@ -67,18 +67,19 @@ def _prepare_dir(clip, data_config, out_dir, overwrite: bool) -> dict:
   info = {'format': embeddings.FORMAT, 'clip_fingerprint': embeddings.clip_fingerprint(clip.params),
           'embed_dim': int(clip.config.model.embed_dim),
           'dataset': embeddings.dataset_settings(data_config), 'splits': {}}
-  old = embeddings.read_info(out_dir) if os.path.isdir(out_dir) else None
+  folder = workdir_lib.path(out_dir)
+  old = embeddings.read_info(out_dir) if folder.is_dir() else None
   same = old is not None and all(old.get(k) == info[k] for k in
                                  ('format', 'clip_fingerprint', 'embed_dim', 'dataset'))
-  if old is not None and not same or (old is None and os.path.isdir(out_dir)
-                                      and os.listdir(out_dir)):
+  if old is not None and not same or (old is None and folder.is_dir()
+                                      and any(folder.iterdir())):
     if not overwrite:
       raise ValueError(f'--out: {out_dir!r} holds other embeddings (another CLIP, other data, '
                        'or another format); choose another folder, or pass --overwrite')
     if jax.process_index() == 0:
-      shutil.rmtree(out_dir)
+      workdir_lib.remove_tree(folder)
   multihost.barrier('embeddings_clear')
-  os.makedirs(out_dir, exist_ok=True)
+  folder.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0 and not same:
     embeddings.write_info(out_dir, info)
   return old if same else info
@@ -92,10 +93,9 @@ def write_split(clip, data_config, out_dir: str, split: str, *, batch_size: int 
 
   `max_chunks` stops after writing that many chunks (as a killed job would), for tests."""
   done = _done_path(out_dir, split, process_index)
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
-  os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+  if workdir_lib.path(done).exists():
+    return workdir_lib.read_json(done)
+  (workdir_lib.path(out_dir) / split).mkdir(parents=True, exist_ok=True)
   it = input_pipeline.make_example_iterator(data_config, split, process_index=process_index,
                                             process_count=process_count)
   parts = embeddings.finished_parts(out_dir, split, process_index)
@@ -141,10 +141,7 @@ def write_split(clip, data_config, out_dir: str, split: str, *, batch_size: int 
   if bar is not None:
     bar.close()
   result = {'count': count, 'skipped': skipped_now()}
-  tmp = done + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(result, f)
-  os.replace(tmp, done)
+  workdir_lib.atomic_write_json(done, result)
   return result
 
 
@@ -165,8 +162,7 @@ def write(clip, data_config: ml_collections.ConfigDict, out_dir: str,
   for split in splits:
     counts = []
     for p in range(jax.process_count()):
-      with open(_done_path(out_dir, split, p)) as f:
-        counts.append(json.load(f))
+      counts.append(workdir_lib.read_json(_done_path(out_dir, split, p)))
     skipped = {}
     for c in counts:
       for k, v in c['skipped'].items():

@@ -48,11 +48,14 @@ def contact_sheet(images: np.ndarray, captions: list[str], columns: int, cell: i
 def save_with_sheet(images: np.ndarray, captions: list[str], image_dir: str, sheet_path: str,
                     columns: int = 8) -> None:
   """Images in [-1, 1] → image_dir/NNNN.png, and a contact sheet (each caption beneath its
-  image) at sheet_path."""
-  import os  # pylint: disable=g-import-not-at-top
+  image) at sheet_path. Local or remote (gs://) paths."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(image_dir, exist_ok=True)
+  folder = epath.Path(image_dir)
+  folder.mkdir(parents=True, exist_ok=True)
   pixels = to_uint8(images)
   for i, image in enumerate(pixels):
-    Image.fromarray(image).save(os.path.join(image_dir, f'{i:04d}.png'))
-  contact_sheet(pixels, captions, columns).save(sheet_path)
+    with (folder / f'{i:04d}.png').open('wb') as f:
+      Image.fromarray(image).save(f, format='PNG')
+  with epath.Path(sheet_path).open('wb') as f:
+    contact_sheet(pixels, captions, columns).save(f, format='PNG')

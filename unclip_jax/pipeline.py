@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
+from unclip_jax import workdir as workdir_lib
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import decoder as decoder_stage
 from unclip_jax.stages import export
@@ -185,10 +186,11 @@ class UnclipPipeline:
   def from_run(cls, root: str):
     """Loads a run of the whole system (`unclip_jax.train_all`): root/{clip,prior,decoder,
     upsampler*}."""
-    if not os.path.isdir(root):
+    folder = workdir_lib.path(root)
+    if not folder.is_dir():
       raise FileNotFoundError(f'no run directory at {root}')
-    sub = lambda name: os.path.join(root, name)
-    ups = sorted(d for d in os.listdir(root) if d.startswith('upsampler'))
+    sub = lambda name: os.fspath(folder / name)
+    ups = sorted(d.name for d in folder.iterdir() if d.name.startswith('upsampler'))
     return cls.from_workdirs(clip=sub('clip'), prior=sub('prior'), decoder=sub('decoder'),
                              upsamplers=[sub(d) for d in ups])
 

@@ -127,11 +127,13 @@ def generate(pipe, prompts: list[str], log=print):
 
 
 def write(out_dir: str, images, captions: list[str], info: dict):
+  """NNNN.png, contact_sheet.png and generation.json into `out_dir` (local or gs://)."""
   from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-  images_lib.save_with_sheet(images, captions, out_dir, os.path.join(out_dir, 'contact_sheet.png'),
-                             columns=min(8, len(images)))
-  with open(os.path.join(out_dir, 'generation.json'), 'w', encoding='utf-8') as f:
-    json.dump(info, f, indent=2, ensure_ascii=False)
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  folder = workdir_lib.path(out_dir)
+  images_lib.save_with_sheet(images, captions, os.fspath(folder),
+                             os.fspath(folder / 'contact_sheet.png'), columns=min(8, len(images)))
+  (folder / 'generation.json').write_text(json.dumps(info, indent=2, ensure_ascii=False))
 
 
 def main(argv):

@@ -26,6 +26,7 @@ import numpy as np
 
 from unclip_jax import cli
 from unclip_jax import preemption
+from unclip_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -117,14 +118,10 @@ def _check_inputs(name: str, stage_dir: str, inputs: dict, policy: str, workdir:
   moved to `WORKDIR/stale/` to be retrained (policy 'retrain'), refused ('refuse') or kept
   with a warning ('keep'). Then records the job's inputs for the stage about to train."""
   from unclip_jax import multihost  # pylint: disable=g-import-not-at-top
-  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if policy not in STALE_POLICIES:
     raise config_error(f'config.stale_stages: {policy!r}; use one of {STALE_POLICIES}')
-  path = os.path.join(stage_dir, INPUTS_NAME)
-  recorded = None
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      recorded = json.load(f)
+  path = workdir_lib.path(stage_dir) / INPUTS_NAME
+  recorded = workdir_lib.read_json(path) if path.exists() else None
   changes = input_changes(recorded, inputs) if recorded is not None else []
   if changes:
     what = '; '.join(changes)
@@ -134,23 +131,18 @@ def _check_inputs(name: str, stage_dir: str, inputs: dict, policy: str, workdir:
       raise StaleStageError(
           f'stage {name} in {stage_dir} was trained on other inputs than this job\'s ({what}); '
           'set --config.stale_stages=retrain to retrain it (the old run is moved to '
-          f'{os.path.join(workdir, "stale")}) or =keep to use it anyway')
+          f'{workdir_lib.path(workdir) / "stale"}) or =keep to use it anyway')
     if policy == 'keep':
       logging.warning('Stage %s in %s was trained on other inputs (%s); kept as it is '
                       '(config.stale_stages=keep)', name, stage_dir, what)
       return
-    target = os.path.join(workdir, 'stale', name)
-    suffix = 0
-    while os.path.exists(target):
-      suffix += 1
-      target = os.path.join(workdir, 'stale', f'{name}.{suffix}')
+    target = workdir_lib.free_name(workdir_lib.path(workdir) / 'stale' / name)
     if _is_main():
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(stage_dir, target)
+      workdir_lib.move(stage_dir, target)
     multihost.barrier(f'stale_{name}')
     logging.warning('Stage %s was trained on other inputs (%s): retraining it; the old run is '
                     'in %s', name, what, target)
-  elif recorded is None and os.path.isdir(os.path.join(stage_dir, 'checkpoints')):
+  elif recorded is None and (workdir_lib.path(stage_dir) / 'checkpoints').is_dir():
     logging.warning('Stage %s in %s records no inputs (an older version trained it); taking '
                     'them to be this job\'s', name, stage_dir)
   if _is_main():
@@ -167,14 +159,19 @@ def _clip_fingerprint(workdir: str) -> str:
   """The fingerprint of the job's trained CLIP (its export's parameters)."""
   from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
   from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
-  return embeddings.clip_fingerprint(clip_stage.load_frozen(os.path.join(workdir, 'clip')).params)
+  return embeddings.clip_fingerprint(clip_stage.load_frozen(_sub(workdir, 'clip')).params)
+
+
+def _sub(workdir: str, name: str) -> str:
+  """The path of `name` in the job's directory (local ones absolute; gs://... as it is)."""
+  return os.fspath(workdir_lib.path(workdir) / name)
 
 
 def _embeddings_dir(workdir: str, clip_resolution: int, stage: str = '') -> str:
   """The job's precomputed CLIP embeddings: of the images at the CLIP's resolution, one set for
   every stage whatever its own resolution (an embedding describes the image; see
   `unclip_jax.data.embeddings`), or a stage's own set if it reads other data."""
-  return os.path.join(workdir, f'embeddings_{clip_resolution}px' + (f'_{stage}' if stage else ''))
+  return _sub(workdir, f'embeddings_{clip_resolution}px' + (f'_{stage}' if stage else ''))
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -192,12 +189,12 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            f'config.{name}.data.resolution instead')
       c.data[key] = value
     if name in CLIP_CONDITIONED:
-      c.clip.workdir = os.path.join(os.path.abspath(workdir), 'clip')
+      c.clip.workdir = _sub(workdir, 'clip')
       if config.precompute_embeddings:
         settings = embeddings.compared_settings(embeddings.dataset_settings(c.data))
         shared = shared or settings
         c.data.embeddings_dir = _embeddings_dir(
-            os.path.abspath(workdir), config.clip.data.resolution,
+            workdir, config.clip.data.resolution,
             '' if settings == shared else name)
     out[name] = c
   return out
@@ -212,7 +209,7 @@ def _ensure_embeddings(configs: dict, workdir: str):
   from unclip_jax import embed  # pylint: disable=g-import-not-at-top
   from unclip_jax.data import embeddings  # pylint: disable=g-import-not-at-top
   from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
-  clip = clip_stage.load_frozen(os.path.join(workdir, 'clip'))
+  clip = clip_stage.load_frozen(_sub(workdir, 'clip'))
   for name in CLIP_CONDITIONED:
     data = ml_collections.ConfigDict(configs[name].data.to_dict())
     if not data.get('embeddings_dir'):
@@ -244,7 +241,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fingerprint = {}
 
   def run_stage(name):
-    stage_dir = os.path.join(workdir, name)
+    stage_dir = _sub(workdir, name)
     start = time.perf_counter()
     if name in CLIP_CONDITIONED and 'clip' not in fingerprint:
       fingerprint['clip'] = _clip_fingerprint(workdir)
@@ -255,8 +252,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _ensure_embeddings(configs, workdir)
     if train.is_finished(stage_dir, configs[name]):
       logging.info('Stage %s: finished earlier in %s; skipped', name, stage_dir)
-      with open(os.path.join(stage_dir, 'eval_metrics.json')) as f:
-        metrics = json.load(f)
+      metrics = workdir_lib.read_json(workdir_lib.path(stage_dir) / 'eval_metrics.json')
     else:
       logging.info('Stage %s: training %d steps in %s', name, configs[name].num_train_steps,
                    stage_dir)
@@ -303,7 +299,7 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
   from unclip_jax.stages import prior as prior_stage  # pylint: disable=g-import-not-at-top
   s = config.sample
-  out_dir = os.path.join(workdir, 'sample')
+  out_dir = _sub(workdir, 'sample')
   pipe = pipeline_lib.UnclipPipeline.from_run(workdir)
   configs = stage_configs(config, workdir)
   final = configs['upsampler'] if pipe.upsamplers else configs['decoder']
@@ -358,7 +354,7 @@ def sample_and_score(config: ml_collections.ConfigDict, workdir: str) -> dict:
     scalars.update({**{f'generated/{k}': v for k, v in report['generated'].items()},
                     **{f'real/{k}': v for k, v in report['real'].items()}})
   _write_samples(out_dir, prompts, images, s.grid_columns)
-  _write_readings(os.path.join(out_dir, 'readings.tsv'), prompts, scores, readings)
+  _write_readings(_sub(out_dir, 'readings.tsv'), prompts, scores, readings)
   writer = train.create_writer(out_dir)
   writer.write_scalars(0, scalars)
   from unclip_jax.images import image_grid  # pylint: disable=g-import-not-at-top
@@ -393,16 +389,15 @@ def _seen_and_unseen_prompts(data_config, num: int) -> dict:
 def _write_samples(out_dir: str, prompts: list[str], images: np.ndarray, columns: int):
   """images/NNNN.png, prompts.txt, and grid.png: each image with its prompt beneath."""
   from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-  images_lib.save_with_sheet(images, prompts, os.path.join(out_dir, 'images'),
-                             os.path.join(out_dir, 'grid.png'), columns)
-  with open(os.path.join(out_dir, 'prompts.txt'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(prompts) + '\n')
+  images_lib.save_with_sheet(images, prompts, _sub(out_dir, 'images'),
+                             _sub(out_dir, 'grid.png'), columns)
+  (workdir_lib.path(out_dir) / 'prompts.txt').write_text('\n'.join(prompts) + '\n')
 
 
 def _write_readings(path: str, prompts: list[str], scores: np.ndarray, readings=None):
   """One line per image: its file, its prompt, its CLIP score and (built-in data) what the
   pixel checker reads in it."""
-  with open(path, 'w', encoding='utf-8') as f:
+  with workdir_lib.path(path).open('w') as f:
     f.write('image\tprompt\tclip_score' +
             ('\tcolor\tbackground\tshape\tshape_iou' if readings is not None else '') + '\n')
     for i, prompt in enumerate(prompts):
@@ -415,9 +410,8 @@ def _write_readings(path: str, prompts: list[str], scores: np.ndarray, readings=
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains every stage, samples, writes and returns the report (also workdir/report.json)."""
-  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   with workdir_lib.locked(workdir, 'train_all'), preemption.handle_signals():
     try:
       report = {'stages': train_stages(config, workdir)}
@@ -427,11 +421,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {}
     report['sample'] = sample_and_score(config, workdir)
     report['total_seconds'] = round(time.perf_counter() - start, 1)
-    workdir_lib.atomic_write_json(os.path.join(workdir, 'report.json'), report)
+    workdir_lib.atomic_write_json(_sub(workdir, 'report.json'), report)
   sample = report['sample']
   logging.info('Generated images: CLIP score %.1f (held-out images: %.1f); %.0f s in all; '
                'report: %s', sample['clip_score'], sample['clip_score_real'],
-               report['total_seconds'], os.path.join(workdir, 'report.json'))
+               report['total_seconds'], _sub(workdir, 'report.json'))
   for name in ('seen', 'unseen'):
     if f'generated_{name}' in sample:
       g = sample[f'generated_{name}']

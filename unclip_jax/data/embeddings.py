@@ -30,9 +30,9 @@ the embeddings its CLIP computed at 32px, and one set serves every stage.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import shutil
 from typing import Optional
 
 import grain
@@ -40,6 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unclip_jax import workdir as workdir_lib
 from unclip_jax.data import sources
 
 INFO = 'info.json'
@@ -74,19 +75,13 @@ def compared_settings(settings: dict) -> dict:
 
 
 def read_info(embeddings_dir: str) -> Optional[dict]:
-  path = os.path.join(embeddings_dir, INFO)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = workdir_lib.path(embeddings_dir) / INFO
+  return workdir_lib.read_json(path) if path.exists() else None
 
 
 def write_info(embeddings_dir: str, info: dict):
   """Writes info.json atomically (a reader never sees half of it)."""
-  tmp = os.path.join(embeddings_dir, INFO + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(info, f, indent=2)
-  os.replace(tmp, os.path.join(embeddings_dir, INFO))
+  workdir_lib.atomic_write_json(workdir_lib.path(embeddings_dir) / INFO, info)
 
 
 def check(embeddings_dir: str, data_config: ml_collections.ConfigDict, clip=None,
@@ -135,34 +130,49 @@ def part_name(process_index: int, chunk: int) -> str:
 
 
 def finished_parts(embeddings_dir: str, split: str, process_index: Optional[int] = None):
-  """The complete part folders of `split` (of one process, or all), sorted."""
-  folder = os.path.join(embeddings_dir, split)
-  if not os.path.isdir(folder):
+  """The complete part folders of `split` (of one process, or all), sorted: those holding
+  their state.json, which is written last (found with one listing, also on Cloud Storage)."""
+  folder = workdir_lib.path(embeddings_dir) / split
+  if not folder.is_dir():
     return []
   prefix = 'part-' if process_index is None else f'part-{process_index:05d}-'
-  return sorted(os.path.join(folder, d) for d in os.listdir(folder)
-                if d.startswith(prefix) and not d.endswith('.tmp'))
+  return sorted(os.fspath(f.parent) for f in folder.glob(f'{prefix}*/state.json')
+                if not f.parent.name.endswith('.tmp'))
+
+
+def _save_npy(path, array: np.ndarray):
+  with workdir_lib.path(path).open('wb') as f:
+    np.save(f, array)
+
+
+def _load_npy(path) -> np.ndarray:
+  """A part's array: memory-mapped on a local disk, read whole from a remote one."""
+  path = workdir_lib.path(path)
+  if workdir_lib.is_remote(path):
+    return np.load(io.BytesIO(path.read_bytes()))
+  return np.load(path, mmap_mode='r')
 
 
 def write_part(embeddings_dir: str, split: str, process_index: int, chunk: int,
                keys: list[str], image_emb: np.ndarray, text_emb: np.ndarray, state: dict):
-  """Writes one chunk into a temporary folder, then renames it into place."""
-  final = os.path.join(embeddings_dir, split, part_name(process_index, chunk))
-  tmp = final + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  np.save(os.path.join(tmp, 'ids.npy'), sources.key_ids(keys))
-  np.save(os.path.join(tmp, 'keys.npy'), np.asarray(keys, dtype=str))
-  np.save(os.path.join(tmp, 'image_emb.npy'), np.asarray(image_emb, np.float32))
-  np.save(os.path.join(tmp, 'text_emb.npy'), np.asarray(text_emb, np.float32))
-  with open(os.path.join(tmp, 'state.json'), 'w') as f:
-    json.dump(state, f)
-  os.replace(tmp, final)
+  """Writes one chunk, complete once its state.json is there (written last): on a local disk
+  into a temporary folder renamed into place, on an object store in place."""
+  final = workdir_lib.path(embeddings_dir) / split / part_name(process_index, chunk)
+  remote = workdir_lib.is_remote(final)
+  folder = final if remote else final.parent / (final.name + '.tmp')
+  workdir_lib.remove_tree(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  _save_npy(folder / 'ids.npy', sources.key_ids(keys))
+  _save_npy(folder / 'keys.npy', np.asarray(keys, dtype=str))
+  _save_npy(folder / 'image_emb.npy', np.asarray(image_emb, np.float32))
+  _save_npy(folder / 'text_emb.npy', np.asarray(text_emb, np.float32))
+  (folder / 'state.json').write_text(json.dumps(state))
+  if not remote:
+    os.replace(folder, final)
 
 
 def part_state(part: str) -> dict:
-  with open(os.path.join(part, 'state.json')) as f:
-    return json.load(f)
+  return workdir_lib.read_json(workdir_lib.path(part) / 'state.json')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +195,11 @@ class EmbeddingTable:
                                 f'{self.split!r} embeddings')
       ids, part_of, row_of, arrays = [], [], [], []
       for p, part in enumerate(parts):
-        part_ids = np.load(os.path.join(part, 'ids.npy'))
+        part_ids = np.asarray(_load_npy(os.path.join(part, 'ids.npy')))
         ids.append(part_ids)
         part_of.append(np.full(len(part_ids), p, np.int32))
         row_of.append(np.arange(len(part_ids), dtype=np.int64))
-        arrays.append(tuple(np.load(os.path.join(part, f'{name}.npy'), mmap_mode='r')
+        arrays.append(tuple(_load_npy(os.path.join(part, f'{name}.npy'))
                             for name in ('image_emb', 'text_emb')))
       ids = np.concatenate(ids)
       order = np.argsort(ids, kind='stable')
