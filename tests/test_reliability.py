@@ -363,9 +363,16 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
     ('unclip_jax.evaluate', ('Evaluate generation as the field does',
                              '--inception: PyTorch weights of the FID Inception',
                              '--reference: FID statistics')),
+    ('unclip_jax.main', ('--config: Stage config file', '--workdir:')),
+    ('unclip_jax.convert', ('karlo     SRC DST', '--tokenizer TOKENIZER')),
+    ('unclip_jax.data.embeddings', ('--out:', '--chunk_size:')),
+    ('unclip_jax.data.prepare', ('--out:', '--resolution:')),
+    ('unclip_jax.sweep', ('--sweep:', '--summarize:')),
+    ('benchmarks/train_step.py', ('--peer:', '--steps:')),
 ])
 def test_help_lists_the_commands_own_flags(module, expected, tmp_path):
-  result = subprocess.run([sys.executable, '-m', module, '--help'], cwd=tmp_path,
+  command = ([os.path.join(REPO, module)] if module.endswith('.py') else ['-m', module])
+  result = subprocess.run([sys.executable, *command, '--help'], cwd=tmp_path,
                           capture_output=True, text=True, check=False,
                           env=dict(os.environ, XLA_FLAGS=''))
   assert result.returncode == 0, result.stderr[-2000:]
