@@ -161,6 +161,19 @@ def test_bad_inputs(pipe, untrained_run, tmp_path):
                                 [(up, up_params), (up, up_params)])
 
 
+def test_variations_need_no_prior(pipe, tmp_path):
+  """Without a prior (a decoder and an upsampler only), the pipeline draws variations of an
+  image as the whole one does from the same seed; text needs the prior, and says so."""
+  path = str(tmp_path / 'red.png')
+  Image.fromarray(np.full((20, 20, 3), (200, 0, 0), np.uint8)).save(path)
+  no_prior = pipeline_lib.UnclipPipeline(pipe.clip, None, pipe._stages['decoder'],  # pylint: disable=protected-access
+                                         pipe.upsamplers)
+  np.testing.assert_allclose(no_prior.variations(path, 3, seed=3).images,
+                             pipe.variations(path, 3, seed=3).images, atol=1e-5)
+  with pytest.raises(ValueError, match='this pipeline has no prior'):
+    no_prior.text_to_image(PROMPTS)
+
+
 def test_slerp_endpoints_and_norm():
   a = np.array([1.0, 0.0, 0.0])
   b = np.array([0.0, 1.0, 0.0])
