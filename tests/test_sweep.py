@@ -189,3 +189,43 @@ def test_a_three_point_sweep_runs_is_stopped_resumes_and_summarises(data_dir, tm
   result = _sweep_command(*args[:3], '--config.batch_size=32', env=env)
   assert result.returncode == 1
   assert 'records overrides' in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_sweep_directory_on_cloud_storage_records_runs_and_summarises(
+    gcs_bucket, monkeypatch, tmp_path):
+  """A gs:// sweep directory (a local emulator): the record, a finished point skipped, a point
+  run with its log copied beside it, and the summary (table, CSV, plot) written in the bucket;
+  nothing lands on the local disk but the running point's log in the user's cache."""
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  workdir = f'{gcs_bucket}/sweep-{time.time_ns()}'
+  points = [{'optim.lr': 1e-3}, {'optim.lr': 2e-3}, {'optim.lr': 4e-3}]
+  s = sweep_lib.Sweep('configs/clip.py:tiny', [], 'lr.py', points, workdir, job=False)
+  s.record()
+  finished = workdir_lib.path(s.point_dir(0))
+  config = config_lib.preset('clip', 'tiny')
+  config.num_train_steps = 5
+  for name in ('config.json', 'export/config.json'):
+    workdir_lib.atomic_write_text(finished / name, config.to_json())
+  workdir_lib.atomic_write_json(finished / 'eval_metrics.json', {'accuracy': 0.5})
+  (finished / 'checkpoints' / '5').mkdir(parents=True)
+  (finished / 'checkpoints' / '5' / 'commit_success.txt').write_text('')
+  (workdir_lib.path(s.point_dir(1)) / 'checkpoints' / '3').mkdir(parents=True)
+  (workdir_lib.path(s.point_dir(1)) / 'checkpoints' / '3' / 'x').write_text('')
+  monkeypatch.setattr(s, 'command', lambda i: [sys.executable, '-c', f'print("point {i} ran")'])
+  stopper = sweep_lib._Forwarder()  # pylint: disable=protected-access
+  assert s.run_point(0, stopper) == 'skipped'
+  assert s.run_point(2, stopper) == 'stopped'   # the fake command trains nothing
+  assert 'point 2 ran' in (workdir_lib.path(s.point_dir(2)) / 'run.log').read_text()
+  summary = sweep_lib.summarize(workdir)
+  assert [r['status'] for r in summary['rows']] == ['finished', 'checkpoint at step 3',
+                                                    'not started']
+  root = workdir_lib.path(workdir)
+  assert workdir_lib.read_json(root / sweep_lib.SWEEP_RECORD)['points'] == {
+      n: p for n, p in zip(s.names, points)}
+  assert '| finished |' in (root / 'summary.md').read_text()
+  assert (root / 'summary.csv').read_text().splitlines()[1].startswith(s.names[0])
+  assert os.listdir(tmp_path) == ['home']
+  for s_ in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s_, signal.SIG_DFL)

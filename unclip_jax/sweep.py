@@ -33,6 +33,7 @@ import csv
 import difflib
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -51,6 +52,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from unclip_jax import cli
+from unclip_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 SWEEP_RECORD = 'sweep.json'
@@ -201,7 +203,7 @@ class Sweep:
     self.names = [point_name(p) for p in points]
 
   def point_dir(self, i: int) -> str:
-    return os.path.join(self.workdir, self.names[i])
+    return _join(self.workdir, self.names[i])
 
   def command(self, i: int) -> list[str]:
     """The training command of point `i` (argv)."""
@@ -229,28 +231,24 @@ class Sweep:
 
   def finished(self, i: int) -> bool:
     directory = self.point_dir(i)
+    folder = workdir_lib.path(directory)
     if self.job:
-      return os.path.isfile(os.path.join(directory, 'report.json'))
-    config_path = os.path.join(directory, 'config.json')
-    if not os.path.isfile(os.path.join(directory, 'eval_metrics.json')) or not os.path.isfile(
-        config_path):
+      return (folder / 'report.json').exists()
+    if not ((folder / 'eval_metrics.json').exists() and (folder / 'config.json').exists()):
       return False
     from unclip_jax import train  # pylint: disable=g-import-not-at-top
-    with open(config_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(workdir_lib.read_json(folder / 'config.json'))
     return train.is_finished(directory, config)
 
   def record(self):
     """Writes (or checks) WORKDIR/sweep.json: a sweep directory belongs to one config and one
     set of common overrides; points may be added to it."""
-    from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-    os.makedirs(self.workdir, exist_ok=True)
-    path = os.path.join(self.workdir, SWEEP_RECORD)
+    workdir_lib.path(self.workdir).mkdir(parents=True, exist_ok=True)
+    path = _join(self.workdir, SWEEP_RECORD)
     record = {'config': self.config_arg, 'overrides': self.base_overrides,
               'sweep': self.sweep_arg, 'job': self.job, 'points': {}}
-    if os.path.isfile(path):
-      with open(path) as f:
-        old = json.load(f)
+    if workdir_lib.path(path).exists():
+      old = workdir_lib.read_json(path)
       for key in ('config', 'overrides'):
         if old.get(key) != record[key]:
           raise SweepError(f'{path} records {key} {old.get(key)!r}, this command has '
@@ -262,17 +260,16 @@ class Sweep:
 
   def run_point(self, i: int, stopper: '_Forwarder') -> str:
     """Runs point `i` unless it is finished: 'skipped', 'finished', 'stopped' or 'failed'."""
-    from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     if self.finished(i):
       logging.info('Point %d/%d %s: finished earlier; skipped', i + 1, len(self.points),
                    self.names[i])
       return 'skipped'
     directory = self.point_dir(i)
-    os.makedirs(directory, exist_ok=True)
+    workdir_lib.path(directory).mkdir(parents=True, exist_ok=True)
     argv = self.command(i)
-    workdir_lib.atomic_write_json(os.path.join(directory, POINT_RECORD), {
+    workdir_lib.atomic_write_json(_join(directory, POINT_RECORD), {
         'overrides': _jsonable(self.points[i]), 'command': shlex.join(argv)})
-    log_path = os.path.join(directory, 'run.log')
+    log_path = _local_log(directory)
     logging.info('Point %d/%d %s: running (log: %s)', i + 1, len(self.points), self.names[i],
                  log_path)
     start = time.perf_counter()
@@ -284,6 +281,8 @@ class Sweep:
       process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
       returncode = stopper.wait(process)
+    if workdir_lib.is_remote(directory):   # the log beside the run, as on a local disk
+      (workdir_lib.path(directory) / 'run.log').write_bytes(_read_bytes(log_path))
     seconds = time.perf_counter() - start
     if returncode != 0:
       logging.error('Point %s failed (exit status %d) after %.0f s; the end of %s:\n%s',
@@ -322,6 +321,28 @@ class _Forwarder:
       self.process = None
 
 
+def _join(base: str, name: str) -> str:
+  """`base/name`; a remote base (gs://...) joined as a URL, a local one as given."""
+  return f'{base.rstrip("/")}/{name}' if workdir_lib.is_remote(base) else os.path.join(base, name)
+
+
+def _local_log(directory: str) -> str:
+  """Where a point's output is written while it runs: `directory/run.log`, or for a remote
+  directory a local file (copied beside the run when the point ends; a resumed point appends
+  to it)."""
+  if not workdir_lib.is_remote(directory):
+    return os.path.join(directory, 'run.log')
+  digest = hashlib.sha1(directory.encode()).hexdigest()[:12]
+  folder = os.path.join(os.path.expanduser('~'), '.cache', 'unclip_jax', 'sweep_logs', digest)
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, 'run.log')
+
+
+def _read_bytes(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
 def _tail(path: str, lines: int = 15) -> str:
   with open(path, errors='replace') as f:
     return ''.join(f.readlines()[-lines:]).rstrip()
@@ -349,6 +370,9 @@ def emit(s: Sweep, form: str) -> str:
     return '\n'.join(shlex.join(s.point_command(i)) for i in range(len(s.points))) + '\n'
   command = ' '.join(shlex.quote(a) if '$' not in a else f'"{a}"' for a in s.point_command(None))
   name = os.path.basename(os.path.normpath(s.workdir)) or 'sweep'
+  # SLURM writes its output files itself: locally, also for a remote sweep directory.
+  output = (f'sweep-{name}-%A_%a.out' if workdir_lib.is_remote(s.workdir) else
+            _join(s.workdir, 'slurm-%A_%a.out'))
   return '\n'.join([
       '#!/bin/bash',
       f'# {len(s.points)} points of {s.sweep_arg} on {s.config_arg}, one array task each.',
@@ -358,7 +382,7 @@ def emit(s: Sweep, form: str) -> str:
       '# the sweep.',
       f'#SBATCH --job-name=sweep-{name}',
       f'#SBATCH --array=0-{len(s.points) - 1}',
-      f'#SBATCH --output={os.path.join(s.workdir, "slurm-%A_%a.out")}',
+      f'#SBATCH --output={output}',
       '#SBATCH --signal=B:TERM@120',
       'set -euo pipefail',
       f'cd {shlex.quote(os.getcwd())}',
@@ -380,17 +404,16 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 def _point_metrics(directory: str) -> tuple[str, dict]:
   """(status, metrics) of one point's directory."""
+  folder = workdir_lib.path(directory)
   for name in ('report.json', 'eval_metrics.json'):
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if (folder / name).exists():
       try:
-        with open(path) as f:
-          return 'finished', _flatten(json.load(f))
+        return 'finished', _flatten(workdir_lib.read_json(folder / name))
       except (OSError, ValueError) as e:
         return f'unreadable {name} ({e})', {}
-  checkpoints = os.path.join(directory, 'checkpoints')
-  steps = [int(d) for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(
-      checkpoints) else []
+  checkpoints = folder / 'checkpoints'
+  steps = [int(d.name) for d in checkpoints.iterdir() if d.name.isdigit()] if (
+      checkpoints.is_dir()) else []
   if steps:
     return f'checkpoint at step {max(steps)}', {}
   return 'not started', {}
@@ -398,15 +421,14 @@ def _point_metrics(directory: str) -> tuple[str, dict]:
 
 def summarize(workdir: str, metric: Optional[str] = None, x: Optional[str] = None) -> dict:
   """Writes WORKDIR/summary.{md,csv,png}; returns {'rows', 'fields', 'metrics', 'metric', 'x'}."""
-  path = os.path.join(workdir, SWEEP_RECORD)
-  if not os.path.isfile(path):
+  path = _join(workdir, SWEEP_RECORD)
+  if not workdir_lib.path(path).exists():
     raise SweepError(f'{workdir} is not a sweep directory (no {SWEEP_RECORD})')
-  with open(path) as f:
-    points = json.load(f)['points']
+  points = workdir_lib.read_json(path)['points']
   fields = list(dict.fromkeys(k for p in points.values() for k in p))
   rows = []
   for name, overrides in points.items():
-    status, metrics = _point_metrics(os.path.join(workdir, name))
+    status, metrics = _point_metrics(_join(workdir, name))
     rows.append({'point': name, 'status': status, **{k: overrides.get(k) for k in fields},
                  **metrics})
   metric_names = sorted(dict.fromkeys(k for r in rows for k in r
@@ -422,19 +444,20 @@ def summarize(workdir: str, metric: Optional[str] = None, x: Optional[str] = Non
   x = x or (numeric[0] if numeric else None)
 
   columns = ['point', 'status', *fields, *metric_names]
-  with open(os.path.join(workdir, 'summary.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({c: _cell(r.get(c)) for c in columns})
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  for r in rows:
+    writer.writerow({c: _cell(r.get(c)) for c in columns})
+  workdir_lib.atomic_write_text(_join(workdir, 'summary.csv'), text.getvalue())
   shown = ['point', 'status', *fields, *([metric] if metric else [])]
   table = ['| ' + ' | '.join(shown) + ' |', '|' + '---|' * len(shown)]
   table += ['| ' + ' | '.join(_cell(r.get(c)) for c in shown) + ' |' for r in rows]
-  with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(f'# Sweep {os.path.basename(os.path.normpath(workdir))}\n\n' + '\n'.join(table) +
-            f'\n\nAll metrics: summary.csv ({len(metric_names)} columns).\n')
-  plotted = bool(metric and x and _plot(rows, fields, metric, x,
-                                        os.path.join(workdir, 'summary.png')))
+  workdir_lib.atomic_write_text(
+      _join(workdir, 'summary.md'),
+      f'# Sweep {workdir.rstrip("/").rsplit("/", 1)[-1]}\n\n' + '\n'.join(table) +
+      f'\n\nAll metrics: summary.csv ({len(metric_names)} columns).\n')
+  plotted = bool(metric and x and _plot(rows, fields, metric, x, _join(workdir, 'summary.png')))
   return {'rows': rows, 'fields': fields, 'metrics': metric_names, 'metric': metric, 'x': x,
           'table': '\n'.join(table), 'plotted': plotted}
 
@@ -471,7 +494,8 @@ def _plot(rows, fields, metric, x, path) -> bool:
   if others:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with workdir_lib.path(path).open('wb') as f:
+    fig.savefig(f, dpi=120, format='png')
   plt.close(fig)
   return True
 
