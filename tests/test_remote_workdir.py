@@ -207,3 +207,19 @@ def test_embedding_parts_on_cloud_storage_are_listed_only_when_whole_and_looked_
   np.testing.assert_array_equal(found['clip_image_emb'], np.stack([emb[1][2], emb[0][0],
                                                                    emb[0][4]]))
   np.testing.assert_array_equal(found['clip_text_emb'], -found['clip_image_emb'])
+
+
+def test_fid_statistics_on_cloud_storage(gcs_bucket):
+  """unclip-evaluate's reference statistics (pytorch-fid's .npz) written to and read from gs://;
+  a file that is not one gets the one-line error."""
+  from unclip_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  stats = fid.statistics(np.random.default_rng(0).normal(size=(50, 8)))
+  path = f'{gcs_bucket}/eval-{time.time_ns()}/reference.npz'
+  fid.save_statistics(path, stats)
+  loaded = fid.load_statistics(path)
+  np.testing.assert_array_equal(loaded.mu, stats.mu)
+  np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+  assert loaded.count == 50
+  workdir_lib.path(path).write_bytes(b'not an npz')
+  with pytest.raises(ValueError, match='reference.npz: cannot read FID statistics|not FID'):
+    fid.load_statistics(path)

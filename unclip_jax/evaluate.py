@@ -27,6 +27,7 @@ setting, OUT/guidance_curve.png (FID against CLIP score, one line per prior scal
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -38,6 +39,7 @@ from absl import logging
 import numpy as np
 
 from unclip_jax import cli
+from unclip_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -93,8 +95,8 @@ def _final_data_config(run: str):
   """The data config of the run's last stage (the one whose images the chain outputs)."""
   from unclip_jax.stages import export  # pylint: disable=g-import-not-at-top
   for name in ('upsampler', 'decoder'):
-    if os.path.isdir(os.path.join(run, name)):
-      return export.load_config(os.path.join(run, name), name).data
+    if (workdir_lib.path(run) / name).is_dir():
+      return export.load_config(_join(run, name), name).data
   raise ValueError(f'{run} holds no decoder or upsampler run')
 
 
@@ -110,15 +112,17 @@ def reference_statistics(spec: str, run: str, num: int, features_fn: Callable, o
   from unclip_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
   if spec != 'held_out':
     return fid.load_statistics(spec), None
-  cached = os.path.join(out_dir, 'reference.npz')
-  features_path = os.path.join(out_dir, 'reference_features.npy')
-  if os.path.exists(cached) and os.path.exists(features_path):
-    return fid.load_statistics(cached), np.load(features_path)
+  cached = _join(out_dir, 'reference.npz')
+  features_path = _join(out_dir, 'reference_features.npy')
+  if workdir_lib.path(cached).exists() and workdir_lib.path(features_path).exists():
+    return fid.load_statistics(cached), np.load(_read(features_path))
   images = _held_out(run, num)['image']
   features = features_fn(images)
   stats = fid.statistics(features)
   if _is_main():
-    np.save(features_path, features)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    workdir_lib.atomic_write_bytes(features_path, buffer.getvalue())
     fid.save_statistics(cached, stats)
   return stats, features
 
@@ -145,10 +149,10 @@ def generate_batches(pipe, captions: Sequence[str], directory: str, *, batch_siz
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
+  workdir_lib.path(directory).mkdir(parents=True, exist_ok=True)
   n = len(captions)
   mine = [k for k in range(-(-n // batch_size)) if k % process_count == process_index]
-  todo = [k for k in mine if not os.path.exists(_batch_path(directory, k))]
+  todo = [k for k in mine if not workdir_lib.path(_batch_path(directory, k)).exists()]
   if len(todo) < len(mine):
     logging.info('%s: %d of %d batches already written; generating the other %d', directory,
                  len(mine) - len(todo), len(mine), len(todo))
@@ -163,16 +167,22 @@ def generate_batches(pipe, captions: Sequence[str], directory: str, *, batch_siz
     images = np.asarray(out.images[:real])
     scores = clip_score.pairwise(np.asarray(pipe.clip.embed_images(images)),
                                  np.asarray(out.text_embeddings[:real]))
-    path = _batch_path(directory, k)
-    tmp = f'{path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, images=images_lib.to_uint8(images), features=features_fn(images),
-             clip_scores=scores,
-             captions=np.asarray(chunk[:real], object))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images_lib.to_uint8(images), features=features_fn(images),
+             clip_scores=scores, captions=np.asarray(chunk[:real], object))
+    workdir_lib.atomic_write_bytes(_batch_path(directory, k), buffer.getvalue())
+
+
+def _join(base: str, name: str) -> str:
+  return os.fspath(workdir_lib.path(base) / name)
+
+
+def _read(path: str) -> io.BytesIO:
+  return io.BytesIO(workdir_lib.path(path).read_bytes())
 
 
 def _batch_path(directory: str, k: int) -> str:
-  return os.path.join(directory, f'batch_{k:05d}.npz')
+  return _join(directory, f'batch_{k:05d}.npz')
 
 
 def read_batches(directory: str, n: int, batch_size: int) -> dict:
@@ -180,9 +190,9 @@ def read_batches(directory: str, n: int, batch_size: int) -> dict:
   parts = []
   for k in range(-(-n // batch_size)):
     path = _batch_path(directory, k)
-    if not os.path.exists(path):
+    if not workdir_lib.path(path).exists():
       raise ValueError(f'{path} is missing: a process did not finish its batches')
-    with np.load(path, allow_pickle=True) as f:
+    with np.load(_read(path), allow_pickle=True) as f:
       parts.append({key: f[key] for key in f.files})
   return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -224,7 +234,8 @@ def plot_curve(settings: list[dict], path: str):
   ax.set_title('Guidance trade-off (labels: decoder guidance)')
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
+  with workdir_lib.path(path).open('wb') as f:
+    fig.savefig(f, format='png')
   plt.close(fig)
 
 
@@ -241,9 +252,8 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
   from unclip_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax import multihost  # pylint: disable=g-import-not-at-top
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from unclip_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
+  workdir_lib.path(out_dir).mkdir(parents=True, exist_ok=True)
   params = inception.load_params(inception_path)
   features_fn = lambda images: _batched_features(params, images)
   prompts = read_captions(captions, num, run, caption_key)
@@ -261,7 +271,7 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
   ref_stats, ref_features = reference_statistics(reference, run, num, features_fn, out_dir)
   settings = []
   for prior, decoder in itertools.product(_scales(prior_guidance), _scales(decoder_guidance)):
-    directory = os.path.join(out_dir, setting_name(prior, decoder))
+    directory = _join(out_dir, setting_name(prior, decoder))
     generate_batches(pipe, prompts, directory, batch_size=batch_size, seed=seed,
                      prior_guidance=prior, decoder_guidance=decoder, features_fn=features_fn,
                      process_index=jax.process_index(), process_count=jax.process_count(),
@@ -271,7 +281,7 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
       continue
     # A setting scored before (a resumed run) is not scored again: its metrics.json records
     # what it was scored against.
-    metrics_path = os.path.join(directory, 'metrics.json')
+    metrics_path = _join(directory, 'metrics.json')
     against = {'num': num, 'batch_size': batch_size, 'seed': seed, 'captions': captions,
                'reference': reference, 'inception': os.path.abspath(inception_path)}
     result = _read_json(metrics_path)
@@ -282,27 +292,24 @@ def evaluate(run: str, inception_path: str, out_dir: str, *, captions: str = 'he
                 **score(generated, ref_stats, ref_features, kid_subset_size), 'against': against}
       shown = min(16, len(prompts))
       images_lib.save_with_sheet(generated['images'][:shown] / 127.5 - 1.0, prompts[:shown],
-                                 os.path.join(directory, 'grid_images'),
-                                 os.path.join(directory, 'grid.png'), columns=4)
+                                 _join(directory, 'grid_images'),
+                                 _join(directory, 'grid.png'), columns=4)
       workdir_lib.atomic_write_json(metrics_path, result)
     result = {k: v for k, v in result.items() if k != 'against'}
     settings.append(result)
     logging.info('%s: FID %.2f, CLIP score %.2f (%d images)', result['setting'], result['fid'],
                  result['clip_score'], result['num_images'])
-  report = {'run': os.path.abspath(run), 'captions': captions, 'reference': reference,
+  report = {'run': os.fspath(workdir_lib.path(run)), 'captions': captions, 'reference': reference,
             'inception': os.path.abspath(inception_path), 'num': num, 'settings': settings}
   if _is_main():
     if len(settings) > 1:
-      plot_curve(settings, os.path.join(out_dir, 'guidance_curve.png'))
-    workdir_lib.atomic_write_json(os.path.join(out_dir, 'report.json'), report)
+      plot_curve(settings, _join(out_dir, 'guidance_curve.png'))
+    workdir_lib.atomic_write_json(_join(out_dir, 'report.json'), report)
   return report
 
 
 def _read_json(path: str):
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return workdir_lib.read_json(path) if workdir_lib.path(path).exists() else None
 
 
 def _batched_features(params, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -334,7 +341,7 @@ def main(argv):
   if report['settings']:
     for s in report['settings']:
       print(f"{s['setting']}: FID {s['fid']:.2f}, CLIP score {s['clip_score']:.2f}")
-    print(f'report: {os.path.join(FLAGS.out, "report.json")}')
+    print(f'report: {_join(FLAGS.out, "report.json")}')
 
 
 def run():

@@ -53,23 +53,28 @@ def path(p: PathLike) -> epath.Path:
   return epath.Path(p if is_remote(p) else os.path.abspath(p))
 
 
-def atomic_write_text(file: PathLike, text: str):
-  """Writes `text` to `file` so that readers see the old content or the new, never a part."""
+def atomic_write_bytes(file: PathLike, data: bytes):
+  """Writes `data` to `file` so that readers see the old content or the new, never a part."""
   file = path(file)
   file.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(file):
-    file.write_text(text)   # an object store publishes an object only once it is whole
+    file.write_bytes(data)   # an object store publishes an object only once it is whole
     return
   tmp = file.parent / f'.{file.name}.tmp-{os.getpid()}'
   try:
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with open(tmp, 'wb') as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, file)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def atomic_write_text(file: PathLike, text: str):
+  """Writes `text` (UTF-8) to `file` as `atomic_write_bytes` does."""
+  atomic_write_bytes(file, text.encode('utf-8'))
 
 
 def atomic_write_json(file: PathLike, value: Any, indent: int = 2):

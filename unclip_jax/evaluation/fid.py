@@ -14,8 +14,9 @@ Pure functions on feature arrays [N, D] (float, any source: `inception.pool_feat
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 from typing import Optional
+import zipfile
 
 import numpy as np
 
@@ -115,23 +116,27 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
 
 
 def save_statistics(path: str, stats: Statistics):
-  """`.npz` with `mu` and `sigma` (pytorch-fid's format), written atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}.npz')
+  """`.npz` with `mu` and `sigma` (pytorch-fid's format), written atomically (local or gs://)."""
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   extra = {} if stats.count is None else {'count': np.int64(stats.count)}
-  np.savez(tmp, mu=stats.mu, sigma=stats.sigma, **extra)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, mu=stats.mu, sigma=stats.sigma, **extra)
+  workdir_lib.atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_statistics(path: str) -> Statistics:
-  """Statistics from an `.npz` holding `mu` and `sigma` (ours or pytorch-fid's)."""
+  """Statistics from an `.npz` holding `mu` and `sigma` (ours or pytorch-fid's; local or
+  gs://)."""
+  from unclip_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
-    with np.load(path) as f:
-      if 'mu' not in f or 'sigma' not in f:
-        raise ValueError(f'{path}: not FID statistics (no mu/sigma; has {sorted(f.files)})')
-      count = int(f['count']) if 'count' in f else None
-      return Statistics(np.asarray(f['mu'], np.float64), np.asarray(f['sigma'], np.float64),
-                        count)
-  except (OSError, EOFError) as e:
+    f = np.load(io.BytesIO(workdir_lib.path(path).read_bytes()))
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f'{path}: cannot read FID statistics: {e}') from e
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    raise ValueError(f'{path}: not FID statistics (an array, not an .npz with mu and sigma)')
+  with f:
+    if 'mu' not in f or 'sigma' not in f:
+      raise ValueError(f'{path}: not FID statistics (no mu/sigma; has {sorted(f.files)})')
+    count = int(f['count']) if 'count' in f else None
+    return Statistics(np.asarray(f['mu'], np.float64), np.asarray(f['sigma'], np.float64),
+                      count)
