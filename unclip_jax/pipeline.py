@@ -142,11 +142,14 @@ class UnclipPipeline:
 
   @classmethod
   def from_workdirs(cls, *, clip: Optional[str] = None, prior: Optional[str] = None,
-                    decoder: Optional[str] = None, upsamplers: Sequence[str] = ()):
+                    decoder: Optional[str] = None, upsamplers: Sequence[str] = (),
+                    dtype: Optional[str] = None):
     """Loads each stage's export from its run directory (or export/ folder).
 
     `clip` defaults to the CLIP the prior (else the decoder) was trained on, as recorded in its
-    config. The stages must share that CLIP.
+    config. The stages must share that CLIP. `dtype` ('bfloat16', 'float32', ...) sets every
+    stage's compute dtype, the CLIP's too (default: each export's own); parameters stay as
+    saved (float32).
     """
     configs = {name: export.load_export(path, what=name) if path else None
                for name, path in (('prior', prior), ('decoder', decoder))}
@@ -156,6 +159,9 @@ class UnclipPipeline:
         raise ValueError('no CLIP given, and none is recorded in the prior or decoder config')
       clip = recorded[0]
     frozen = clip_stage.load_frozen(clip)
+    if dtype is not None:
+      frozen = clip_stage.FrozenClip(clip_stage.Stage(_with_dtype(frozen.config, dtype)),
+                                     frozen.params)
     fingerprint = None
     parts = {}
     for name, loaded in configs.items():
@@ -172,27 +178,27 @@ class UnclipPipeline:
         if recorded != fingerprint:
           raise ValueError(f'the {name} at {path} was trained on another CLIP (fingerprint '
                            f'{recorded}) than the one at {clip} ({fingerprint})')
-      config = _for_inference(config)
+      config = _with_dtype(_for_inference(config), dtype)
       stage_cls = prior_stage.Stage if name == 'prior' else decoder_stage.Stage
       parts[name] = (stage_cls(config, clip=frozen), params)
     ups = []
     for path in upsamplers:
       config, params = export.load_export(path, what='upsampler')
       _check_kind(config, 'upsampler', path)
-      ups.append((upsampler_stage.Stage(_for_inference(config)), params))
+      ups.append((upsampler_stage.Stage(_with_dtype(_for_inference(config), dtype)), params))
     return cls(frozen, parts['prior'], parts['decoder'], ups)
 
   @classmethod
-  def from_run(cls, root: str):
+  def from_run(cls, root: str, dtype: Optional[str] = None):
     """Loads a run of the whole system (`unclip_jax.train_all`): root/{clip,prior,decoder,
-    upsampler*}."""
+    upsampler*}; `dtype` as in `from_workdirs`."""
     folder = workdir_lib.path(root)
     if not folder.is_dir():
       raise FileNotFoundError(f'no run directory at {root}')
     sub = lambda name: os.fspath(folder / name)
     ups = sorted(d.name for d in folder.iterdir() if d.name.startswith('upsampler'))
     return cls.from_workdirs(clip=sub('clip'), prior=sub('prior'), decoder=sub('decoder'),
-                             upsamplers=[sub(d) for d in ups])
+                             upsamplers=[sub(d) for d in ups], dtype=dtype)
 
   def shard_over(self, devices: Optional[Sequence[jax.Device]] = None) -> 'UnclipPipeline':
     """Generates data-parallel from now on: every stage's parameters replicated on `devices`
@@ -541,6 +547,15 @@ def _for_inference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict(config.to_dict())
   if 'data' in config and config.data.get('embeddings_dir'):
     config.data.embeddings_dir = None
+  return config
+
+
+def _with_dtype(config: ml_collections.ConfigDict, dtype: Optional[str]):
+  """A copy of a stage config computing in `dtype` (None: as it is)."""
+  if dtype is None:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.dtype = dtype
   return config
 
 

@@ -62,8 +62,11 @@ def read_prior_config(folder: str) -> dict[str, int]:
   if not os.path.isdir(folder):
     raise ConversionError(f'{folder} is not a folder (expected a diffusers PriorTransformer '
                           'folder with config.json and its weights)')
-  cfg = read_json(folder)
-  path = os.path.join(folder, 'config.json')
+  return prior_sizes(read_json(folder), os.path.join(folder, 'config.json'))
+
+
+def prior_sizes(cfg: dict[str, Any], path: str) -> dict[str, int]:
+  """`read_prior_config` for a PriorTransformer config dict (`path` names it in errors)."""
   if cfg.get('_class_name', 'PriorTransformer') != 'PriorTransformer':
     raise ConversionError(f"{path}: _class_name={cfg['_class_name']!r}, expected "
                           "'PriorTransformer'")
