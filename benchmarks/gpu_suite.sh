@@ -14,7 +14,7 @@
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR [--cpu-smoke]}
 MODE=${2:-gpu}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
@@ -46,7 +46,7 @@ else
            --config.model.unet.remat=False)
   UPSAMPLER=(--config=configs/upsampler.py:karlo_64_256 --config.batch_size=16
              --config.model.unet.remat=False)
-  SAMPLING=(--size=karlo --batch_sizes=1,8 --dtypes=bfloat16,float32 --repeats=3)
+  SAMPLING=(--size=karlo '--batch_sizes=1,8' '--dtypes=bfloat16,float32' --repeats=3)
   COMPILE_PEER=(--peer_compile)
   DTYPE=(--config.dtype=bfloat16)
 fi

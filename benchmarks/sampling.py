@@ -14,6 +14,7 @@ for ours, cuDNN autotuning and allocation for the peer) is reported apart as `fi
 fastest dtype's seconds.
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -28,14 +29,18 @@ from absl import flags  # pylint: disable=wrong-import-position
 from unclip_jax import cli  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('size', 'reduced', ['karlo', 'reduced', 'smoke'],
-                  'Sizes of the karlo-shaped pipeline (benchmarks/diffusers_peers.KARLO_SIZES).')
-flags.DEFINE_list('batch_sizes', ['1', '8'], 'Prompts per call.')
-flags.DEFINE_list('dtypes', ['bfloat16', 'float32'], 'Our compute dtypes.')
-flags.DEFINE_integer('repeats', 3, 'Timed calls after the first.')
-flags.DEFINE_bool('peer', True, 'Also time diffusers\' UnCLIPPipeline.')
-flags.DEFINE_string('workdir', None, 'Where the pipeline is saved and converted (default: a '
-                    'temporary folder, removed at the end).')
+
+
+def define_flags():
+  """The command line's flags (defined on use: the module can be imported beside others)."""
+  flags.DEFINE_enum('size', 'reduced', ['karlo', 'reduced', 'smoke'],
+                    'Sizes of the karlo-shaped pipeline (benchmarks/diffusers_peers.KARLO_SIZES).')
+  flags.DEFINE_list('batch_sizes', ['1', '8'], 'Prompts per call.')
+  flags.DEFINE_list('dtypes', ['bfloat16', 'float32'], 'Our compute dtypes.')
+  flags.DEFINE_integer('repeats', 3, 'Timed calls after the first.')
+  flags.DEFINE_bool('peer', True, 'Also time diffusers\' UnCLIPPipeline.')
+  flags.DEFINE_string('workdir', None, 'Where the pipeline is saved and converted (default: a '
+                      'temporary folder, removed at the end).')
 
 PROMPTS = ['a red cat on a blue sofa', 'the photo of a dog', 'a cat of the night',
            'a small house by the sea', 'the painting of a tree', 'a dog and a cat',
@@ -66,7 +71,9 @@ def convert(size: str, root: str) -> tuple[object, str]:
   reference = diffusers_peers.karlo_pipeline(size)
   src, dst = os.path.join(root, 'diffusers'), os.path.join(root, 'converted')
   reference.save_pretrained(src)
-  if convert_cli.main(['karlo', src, dst, '--overwrite']) != 0:
+  with contextlib.redirect_stdout(sys.stderr):   # stdout is the report's
+    converted = convert_cli.main(['karlo', src, dst, '--overwrite'])
+  if converted != 0:
     raise RuntimeError(f'converting {src} failed')
   return reference, dst
 
@@ -145,4 +152,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -1,13 +1,18 @@
 """benchmarks/train_step.py runs and reports sane quantities (no timing assertions)."""
 
+import functools
 import importlib.util
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.cache
 def _load_benchmark():
   spec = importlib.util.spec_from_file_location(
       'train_step_benchmark', os.path.join(REPO, 'benchmarks', 'train_step.py'))
@@ -43,3 +48,80 @@ def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
   assert result['mesh_shape'] == [2, 4, 1] and result['num_devices'] == 8
   assert result['params'] > 10_000 and result['flops_per_step'] > 0
   assert result['compile_s'] > 0
+
+
+# The smallest karlo-shaped stages (the sizes benchmarks/gpu_suite.sh --cpu-smoke uses).
+_SMALL_CLIP = ('model.embed_dim=32,model.text.width=32,model.text.depth=1,model.vision.depth=1,'
+               'model.text.context_length=16,model.vision.width=32')
+
+
+def _smoke_config(stage: str):
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if stage == 'prior':
+    c = config_lib.preset('prior', 'karlo')
+    c.model.update(width=64, depth=1, num_heads=2, scan=False)
+    c.data.resolution = 32
+  elif stage == 'decoder':
+    c = config_lib.preset('decoder', 'karlo')
+    c.data.resolution = 16
+    c.model.unet.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(2,), num_head_channels=16, norm_groups=8)
+    c.model.context_width = 32
+  else:
+    c = config_lib.preset('upsampler', 'karlo_64_256')
+    c.data.resolution = 32
+    c.upsampler.crop_size = 16
+    c.model.unet.update(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+  c.batch_size = 8   # one example per simulated device
+  c.dtype = 'float32'
+  if stage != 'upsampler':
+    c.clip.preset = 'tiny'
+  return c
+
+
+@pytest.mark.parametrize('stage', ['prior', 'decoder', 'upsampler'])
+def test_diffusers_peers_are_our_architecture(stage):
+  """Each diffusion stage beside its diffusers peer: the peer's config maps back to ours through
+  the converters, the parameter counts are equal (but for the prior's null caption, unused with
+  karlo's empty prompt), both steps run and report their throughput; options diffusers lacks
+  are refused naming the field, or aligned and reported."""
+  pytest.importorskip('diffusers')
+  bench = _load_benchmark()
+  from benchmarks import diffusers_peers  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(stage)
+  if stage != 'upsampler':
+    with pytest.raises(diffusers_peers.NoPeer, match=r'config\.model\.'):
+      bench.compare_diffusers(config, _SMALL_CLIP, 1, 1, compile_model=False, align=False)
+  result = bench.compare_diffusers(config, _SMALL_CLIP, 1, 1, compile_model=False, align=True)
+  ours, peer = result['ours'], result['peer']
+  assert ours['params'] - result['unused_params_ours'] == peer['params'] > 10_000
+  assert (result['unused_params_ours'] > 0) == (stage == 'prior')
+  assert result['speedup_vs_peer'] == pytest.approx(ours['samples_per_s'] / peer['samples_per_s'])
+  assert np.isfinite(ours['final_loss']) and np.isfinite(peer['final_loss'])
+  expected = {'prior': {'model.null_caption'}, 'upsampler': set(),
+              'decoder': {'model.text_emb_to_time', 'model.caption_norm', 'model.null_caption',
+                          'model.clip_emb_scale', 'model.unet.dropout'}}[stage]
+  assert set(result['aligned']) == expected
+
+
+def test_sampling_benchmark_converts_and_times_both_chains(tmp_path):
+  """benchmarks/sampling.py on the smallest karlo-shaped UnCLIPPipeline: converted by our
+  command, both chains draw images of the same shape for the same prompts."""
+  pytest.importorskip('diffusers')
+  spec = importlib.util.spec_from_file_location(
+      'sampling_benchmark', os.path.join(REPO, 'benchmarks', 'sampling.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  report = module.run('smoke', [2], ['float32'], repeats=1, peer=True, workdir=str(tmp_path))
+  ours, peer = report['ours']['2']['float32'], report['peer']['2']
+  assert ours['image_shape'] == peer['image_shape'] == [2, 32, 32, 3]
+  assert set(ours['stage_seconds']) == {'prior', 'decoder', 'upsampler_0'}
+  assert report['speedup_vs_peer']['2'] == pytest.approx(peer['seconds'] / ours['seconds'])
+  assert os.path.isfile(tmp_path / 'converted' / 'decoder' / 'export' / 'config.json')
+
+
+def test_gpu_suite_passes_shellcheck():
+  shellcheck = os.path.join(os.path.dirname(sys.executable), 'shellcheck')
+  result = subprocess.run([shellcheck, os.path.join(REPO, 'benchmarks', 'gpu_suite.sh')],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stdout
