@@ -308,12 +308,11 @@ def measure_diffusers(stage: str, config, clip_config, steps: int, warmup: int,
           'final_loss': float(loss.detach())}
 
 
-def compare_diffusers(config, clip_overrides: str, steps: int, warmup: int,
-                      compile_model: bool, align: bool) -> dict:
-  """Our stage's step beside its diffusers peer: {'aligned', 'peer_config', 'ours', 'peer',
-  'speedup_vs_peer'}. Raises diffusers_peers.NoPeer (naming the field) where there is none."""
+def prepare_peer(config, clip_overrides: str, align: bool):
+  """(aligned fields, the CLIP config or None, the peer's diffusers config) for our stage config,
+  the peer's config checked to map back to ours. Raises diffusers_peers.NoPeer (naming the
+  field) where there is no peer."""
   from benchmarks import diffusers_peers  # pylint: disable=g-import-not-at-top
-  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
   stage = config.stage
   options = {'prior': diffusers_peers.KARLO_PRIOR_OPTIONS,
              'decoder': diffusers_peers.KARLO_DECODER_OPTIONS,
@@ -325,13 +324,46 @@ def compare_diffusers(config, clip_overrides: str, steps: int, warmup: int,
   clip_config = clip_config_for(config, clip_overrides) if stage != 'upsampler' else None
   peer_config = diffusers_peers.peer_configs(stage, config, clip_config)
   diffusers_peers.check_round_trip(stage, config, peer_config, clip_config)
+  return aligned, clip_config, peer_config
+
+
+def parameter_counts(config, clip_config) -> dict[str, int]:
+  """{parameter path: size} of our stage's model, from shapes alone (nothing is computed)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unclip_jax import stages  # pylint: disable=g-import-not-at-top
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+  extra = {'clip': clip_stage.abstract_clip(clip_config)} if clip_config is not None else {}
+  stage = stages.get_stage(config, **extra)
+  shapes = jax.eval_shape(lambda: stages.init_params(stage, jax.random.PRNGKey(0)))
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): int(np.prod(x.shape))
+          for path, x in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def check_parameter_counts(config, clip_config, counts: dict[str, int]) -> tuple[int, int]:
+  """(our parameters, of which unused here); raises AssertionError unless the rest equals the
+  diffusers peer's count."""
+  from benchmarks import diffusers_peers  # pylint: disable=g-import-not-at-top
+  stage = config.stage
+  total, unused = sum(counts.values()), unused_params(stage, config, counts)
+  theirs = diffusers_peers.count(diffusers_peers.build(stage, config, clip_config))
+  if total - unused != theirs:
+    raise AssertionError(f'{stage}: {total} parameters ({unused} unused in this '
+                         f'configuration) against the peer\'s {theirs}')
+  return total, unused
+
+
+def compare_diffusers(config, clip_overrides: str, steps: int, warmup: int,
+                      compile_model: bool, align: bool) -> dict:
+  """Our stage's step beside its diffusers peer: {'aligned', 'peer_config', 'ours', 'peer',
+  'unused_params_ours', 'speedup_vs_peer'}. Raises diffusers_peers.NoPeer (naming the field)
+  where there is none, AssertionError if the parameter counts differ."""
+  from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
+  aligned, clip_config, peer_config = prepare_peer(config, clip_overrides, align)
   clip = clip_stage.random_clip(clip_config) if clip_config is not None else None
   ours = measure_jax(config, steps, warmup, clip=clip)
-  peer = measure_diffusers(stage, config, clip_config, steps, warmup, compile_model)
-  unused = unused_params(stage, config, ours.pop('param_counts'))
-  if ours['params'] - unused != peer['params']:
-    raise AssertionError(f'{stage}: {ours["params"]} parameters ({unused} unused in this '
-                         f'configuration) against the peer\'s {peer["params"]}')
+  _, unused = check_parameter_counts(config, clip_config, ours.pop('param_counts'))
+  peer = measure_diffusers(config.stage, config, clip_config, steps, warmup, compile_model)
   return {'aligned': {k: list(v) for k, v in aligned.items()}, 'peer_config': peer_config,
           'ours': ours, 'peer': peer, 'unused_params_ours': unused,
           'speedup_vs_peer': ours['samples_per_s'] / peer['samples_per_s']}

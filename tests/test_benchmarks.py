@@ -79,29 +79,47 @@ def _smoke_config(stage: str):
   return c
 
 
+_ALIGNED = {'prior': {'model.null_caption'}, 'upsampler': set(),
+            'decoder': {'model.text_emb_to_time', 'model.caption_norm', 'model.null_caption',
+                        'model.clip_emb_scale', 'model.unet.dropout'}}
+
+
 @pytest.mark.parametrize('stage', ['prior', 'decoder', 'upsampler'])
 def test_diffusers_peers_are_our_architecture(stage):
-  """Each diffusion stage beside its diffusers peer: the peer's config maps back to ours through
-  the converters, the parameter counts are equal (but for the prior's null caption, unused with
-  karlo's empty prompt), both steps run and report their throughput; options diffusers lacks
-  are refused naming the field, or aligned and reported."""
+  """Each diffusion stage's diffusers peer: its config maps back to ours through the converters
+  and the parameter counts are equal (but for the prior's null caption, unused with karlo's
+  empty prompt); options diffusers lacks are refused naming the field, or aligned and
+  reported."""
   pytest.importorskip('diffusers')
   bench = _load_benchmark()
   from benchmarks import diffusers_peers  # pylint: disable=g-import-not-at-top
   config = _smoke_config(stage)
   if stage != 'upsampler':
     with pytest.raises(diffusers_peers.NoPeer, match=r'config\.model\.'):
-      bench.compare_diffusers(config, _SMALL_CLIP, 1, 1, compile_model=False, align=False)
-  result = bench.compare_diffusers(config, _SMALL_CLIP, 1, 1, compile_model=False, align=True)
+      bench.prepare_peer(config, _SMALL_CLIP, align=False)
+  aligned, clip_config, _ = bench.prepare_peer(config, _SMALL_CLIP, align=True)
+  assert set(aligned) == _ALIGNED[stage]
+  counts = bench.parameter_counts(config, clip_config)
+  total, unused = bench.check_parameter_counts(config, clip_config, counts)
+  assert total > 10_000 and (unused > 0) == (stage == 'prior')
+  counts[next(iter(counts))] += 1       # one parameter more: refused
+  with pytest.raises(AssertionError, match='against the peer'):
+    bench.check_parameter_counts(config, clip_config, counts)
+
+
+def test_the_decoder_and_its_peer_train_side_by_side():
+  """The whole comparison on the decoder (the stage with the most to map: text_proj, cross-
+  attention, the frozen CLIP in the step): both steps run and report their throughput."""
+  pytest.importorskip('diffusers')
+  bench = _load_benchmark()
+  result = bench.compare_diffusers(_smoke_config('decoder'), _SMALL_CLIP, 1, 1,
+                                   compile_model=False, align=True)
   ours, peer = result['ours'], result['peer']
-  assert ours['params'] - result['unused_params_ours'] == peer['params'] > 10_000
-  assert (result['unused_params_ours'] > 0) == (stage == 'prior')
+  assert ours['params'] == peer['params'] > 10_000
+  assert peer['modules'] == {'text_proj': 'UnCLIPTextProjModel', 'unet': 'UNet2DConditionModel'}
   assert result['speedup_vs_peer'] == pytest.approx(ours['samples_per_s'] / peer['samples_per_s'])
   assert np.isfinite(ours['final_loss']) and np.isfinite(peer['final_loss'])
-  expected = {'prior': {'model.null_caption'}, 'upsampler': set(),
-              'decoder': {'model.text_emb_to_time', 'model.caption_norm', 'model.null_caption',
-                          'model.clip_emb_scale', 'model.unet.dropout'}}[stage]
-  assert set(result['aligned']) == expected
+  assert set(result['aligned']) == _ALIGNED['decoder']
 
 
 def test_sampling_benchmark_converts_and_times_both_chains(tmp_path):
