@@ -30,6 +30,7 @@ KARLO_DECODER_OPTIONS = {
     'model.caption_norm': True, 'model.clip_emb_scale': 1.0,
     'model.null_caption': 'empty_prompt', 'model.clip_map_size': 0,
     'model.unet.patch_size': 1, 'model.unet.coord_channels': False, 'model.unet.dropout': 0.0,
+    'model.unet.resblock_updown': True,
 }
 KARLO_PRIOR_OPTIONS = {'model.mlp_ratio': 4.0, 'model.activation': 'gelu',
                        'model.null_caption': 'empty_prompt', 'prior.normalization': 'stats'}

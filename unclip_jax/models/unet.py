@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unclip_jax.models.attention import dot_product_attention
 from unclip_jax.models.prior import timestep_embedding
@@ -126,11 +127,23 @@ class GroupNorm(nn.Module):
       raise ValueError(f'GroupNorm: {c} channels are not divisible by {self.num_groups} groups')
     scale = self.param('scale', _boxed(nn.initializers.ones, ('norm',)), (c,), jnp.float32)
     bias = self.param('bias', _boxed(nn.initializers.zeros, ('norm',)), (c,), jnp.float32)
-    g = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)   # spatial axes and channels within a group
-    mean = jnp.mean(g, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-    y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    x = x.astype(jnp.float32)
+    b, per_group = x.shape[0], c // self.num_groups
+    spatial = tuple(range(1, x.ndim - 1))
+    count = per_group * int(np.prod(x.shape[1:-1]))
+    stat_shape = (b,) + (1,) * len(spatial) + (c,)
+
+    def group_mean(per_channel_sums):   # [B, C] sums → each channel its group's mean [B,1..,C]
+      groups = per_channel_sums.reshape(b, self.num_groups, per_group).sum(-1) / count
+      return jnp.repeat(groups, per_group, axis=-1).reshape(stat_shape)
+
+    # Sums over the spatial axes first (channels stay the contiguous minor axis), then over
+    # each group's channels: XLA:CPU reduces this layout 5-6x faster (forward and backward)
+    # than a reduction over [..., groups, channels per group], which it strides through.
+    mean = group_mean(x.sum(spatial))
+    centred = x - mean
+    var = group_mean(jnp.square(centred).sum(spatial))
+    y = centred * jax.lax.rsqrt(var + self.epsilon)
     return (y * scale + bias).astype(self.dtype)
 
 
