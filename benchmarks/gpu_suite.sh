@@ -9,8 +9,9 @@
 # 512, super-resolution on 64x64 crops batch 16, sampling at batch 1 and 8 (prior 25 / decoder
 # 25 / super-resolution 7 steps). Ours in bfloat16 (float32 parameters), the peers under bf16
 # autocast, eager and torch.compile'd; sampling: ours bfloat16 and float32, the peer float16.
-# A case that fails is recorded (its log kept) and the suite goes on. PYTHON picks the
-# interpreter (default python3); STEPS the timed steps per case.
+# A case that fails or runs past CASE_TIMEOUT seconds (default 120; the sampling case twice that)
+# is recorded (its log kept) and the suite goes on. PYTHON picks the interpreter (default
+# python3); STEPS the timed steps per case.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR [--cpu-smoke]}
 MODE=${2:-gpu}
@@ -51,11 +52,12 @@ else
   DTYPE=(--config.dtype=bfloat16)
 fi
 
+CASE_TIMEOUT=${CASE_TIMEOUT:-120}
 failed=()
-run_case() {   # name, then the command's arguments
-  local name=$1; shift
+run_case() {   # name, seconds allowed, then the command's arguments
+  local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  if "$PY" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"; then
+  if timeout "$limit" "$PY" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"; then
     echo "$name: done in $((SECONDS - start)) s"
   else
     echo "$name: FAILED after $((SECONDS - start)) s (see $OUT/$name.log)"
@@ -63,22 +65,19 @@ run_case() {   # name, then the command's arguments
   fi
 }
 
-COMMON=(--steps="$STEPS" --warmup=2)
-run_case clip benchmarks/train_step.py "${CLIP[@]}" "${DTYPE[@]}" "${COMMON[@]}" --peer=transformers
+COMMON=(--steps="$STEPS" --warmup=2 "${COMPILE_PEER[@]}")
+run_case clip "$CASE_TIMEOUT" benchmarks/train_step.py "${CLIP[@]}" "${DTYPE[@]}" \
+  "${COMMON[@]}" --peer=transformers
 for stage in prior decoder upsampler; do
   case $stage in
     prior) ARGS=("${PRIOR[@]}") ;;
     decoder) ARGS=("${DECODER[@]}") ;;
     upsampler) ARGS=("${UPSAMPLER[@]}") ;;
   esac
-  run_case "$stage" benchmarks/train_step.py "${ARGS[@]}" "${DTYPE[@]}" "${COMMON[@]}" \
-    --peer=diffusers --align_to_peer
-  if [ ${#COMPILE_PEER[@]} -gt 0 ]; then
-    run_case "${stage}_compiled_peer" benchmarks/train_step.py "${ARGS[@]}" "${DTYPE[@]}" \
-      "${COMMON[@]}" --peer=diffusers --align_to_peer "${COMPILE_PEER[@]}"
-  fi
+  run_case "$stage" "$CASE_TIMEOUT" benchmarks/train_step.py "${ARGS[@]}" "${DTYPE[@]}" \
+    "${COMMON[@]}" --peer=diffusers --align_to_peer
 done
-run_case sampling benchmarks/sampling.py "${SAMPLING[@]}"
+run_case sampling "$((2 * CASE_TIMEOUT))" benchmarks/sampling.py "${SAMPLING[@]}"
 
 "$PY" - "$OUT" <<'PYEOF'
 import glob, json, os, sys
@@ -97,7 +96,11 @@ for path in sorted(glob.glob(os.path.join(out, '*.json'))):
   if 'ours' in r and 'samples_per_s' in r['ours']:
     summary[name] = {'ours_samples_per_s': r['ours']['samples_per_s'],
                      'peer_samples_per_s': r.get('peer', {}).get('samples_per_s'),
-                     'speedup_vs_peer': r.get('speedup_vs_peer'), 'mfu': r['ours'].get('mfu')}
+                     'peer_compiled_samples_per_s': r.get('peer_compiled', {}).get(
+                         'samples_per_s'),
+                     'speedup_vs_peer': r.get('speedup_vs_peer'),
+                     'speedup_vs_peer_compiled': r.get('speedup_vs_peer_compiled'),
+                     'mfu': r['ours'].get('mfu')}
   else:
     summary[name] = {'speedup_vs_peer': r.get('speedup_vs_peer')}
 with open(os.path.join(out, 'summary.json'), 'w') as f:
