@@ -171,18 +171,28 @@ def measure_transformers_clip(config, steps: int, warmup: int, compile_model: bo
     opt.zero_grad(set_to_none=True)
     return loss
 
+  timing = time_torch_steps(step, device, steps, warmup)
+  return {'framework': 'torch', 'torch_version': torch.__version__, 'device': device,
+          'compiled': compile_model, **timing, 'samples_per_s': b / timing['step_time_s'],
+          'params': sum(p.numel() for p in model.parameters())}
+
+
+def time_torch_steps(step, device: str, steps: int, warmup: int) -> dict:
+  """Runs `step` (returning the loss) `warmup` times (at least once), then times `steps` calls:
+  {'warmup_s', 'step_time_s', 'final_loss'}."""
+  import torch  # pylint: disable=g-import-not-at-top
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  t0 = time.perf_counter()
   for _ in range(max(warmup, 1)):
     step()
   sync()
+  warmup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(steps):
     loss = step()
   sync()
-  step_s = (time.perf_counter() - t0) / steps
-  return {'framework': 'torch', 'torch_version': torch.__version__, 'device': device,
-          'compiled': compile_model, 'step_time_s': step_s, 'samples_per_s': b / step_s,
-          'params': sum(p.numel() for p in model.parameters()), 'final_loss': float(loss.detach())}
+  return {'warmup_s': round(warmup_s, 3), 'step_time_s': (time.perf_counter() - t0) / steps,
+          'final_loss': float(loss.detach())}
 
 
 def clip_config_for(config, overrides: str = ''):
@@ -291,22 +301,11 @@ def measure_diffusers(stage: str, config, clip_config, steps: int, warmup: int,
     opt.zero_grad(set_to_none=True)
     return loss
 
-  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  t0 = time.perf_counter()
-  for _ in range(max(warmup, 1)):
-    step()
-  sync()
-  warmup_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
-  sync()
-  step_s = (time.perf_counter() - t0) / steps
+  timing = time_torch_steps(step, device, steps, warmup)
   return {'framework': 'torch', 'torch_version': torch.__version__, 'device': device,
           'modules': {k: type(m).__name__ for k, m in modules.items()},
-          'compiled': compile_model, 'warmup_s': round(warmup_s, 3), 'step_time_s': step_s,
-          'samples_per_s': b / step_s, 'params': diffusers_peers.count(modules),
-          'final_loss': float(loss.detach())}
+          'compiled': compile_model, **timing, 'samples_per_s': b / timing['step_time_s'],
+          'params': diffusers_peers.count(modules)}
 
 
 def prepare_peer(config, clip_overrides: str, align: bool):
