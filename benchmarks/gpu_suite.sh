@@ -9,7 +9,9 @@
 # 512, super-resolution on 64x64 crops batch 16, sampling at batch 1 and 8 (prior 25 / decoder
 # 25 / super-resolution 7 steps). Ours in bfloat16 (float32 parameters), the peers under bf16
 # autocast, eager and torch.compile'd; sampling: ours bfloat16 and float32, the peer float16.
-# A case that fails or runs past CASE_TIMEOUT seconds (default 120; the sampling case twice that)
+# First, cuDNN's masked attention against XLA's at karlo's attention shapes (benchmarks/attention.py).
+# Each train-step case also traces 2 steps and reports where their time goes, by kind of op
+# (ours.profile). A case that fails or runs past CASE_TIMEOUT seconds (default 120; the sampling case twice that)
 # is recorded (its log kept) and the suite goes on. PYTHON picks the interpreter (default
 # python3); STEPS the timed steps per case.
 set -uo pipefail
@@ -37,6 +39,7 @@ if [ "$MODE" = "--cpu-smoke" ]; then
              --config.model.unet.model_channels=16 --config.model.unet.channel_mult='(1,2)'
              --config.model.unet.num_res_blocks=1 --config.model.unet.norm_groups=8)
   SAMPLING=(--size=smoke --batch_sizes=1 --dtypes=float32 --repeats=1)
+  ATTENTION=(--cpu_smoke --repeats=2)
   COMPILE_PEER=()
   DTYPE=(--config.dtype=float32)
 else
@@ -48,6 +51,7 @@ else
   UPSAMPLER=(--config=configs/upsampler.py:karlo_64_256 --config.batch_size=16
              --config.model.unet.remat=False)
   SAMPLING=(--size=karlo '--batch_sizes=1,8' '--dtypes=bfloat16,float32' --repeats=3)
+  ATTENTION=(--repeats=10)
   COMPILE_PEER=(--peer_compile)
   DTYPE=(--config.dtype=bfloat16)
 fi
@@ -65,7 +69,8 @@ run_case() {   # name, seconds allowed, then the command's arguments
   fi
 }
 
-COMMON=(--steps="$STEPS" --warmup=2 "${COMPILE_PEER[@]}")
+COMMON=(--steps="$STEPS" --warmup=2 --profile_steps=2 "${COMPILE_PEER[@]}")
+run_case attention "$CASE_TIMEOUT" benchmarks/attention.py "${ATTENTION[@]}"
 run_case clip "$CASE_TIMEOUT" benchmarks/train_step.py "${CLIP[@]}" "${DTYPE[@]}" \
   "${COMMON[@]}" --peer=transformers
 for stage in prior decoder upsampler; do
@@ -100,7 +105,14 @@ for path in sorted(glob.glob(os.path.join(out, '*.json'))):
                          'samples_per_s'),
                      'speedup_vs_peer': r.get('speedup_vs_peer'),
                      'speedup_vs_peer_compiled': r.get('speedup_vs_peer_compiled'),
-                     'mfu': r['ours'].get('mfu')}
+                     'mfu': r['ours'].get('mfu'),
+                     'time_share_by_kind': {k: v['share'] for k, v in
+                                            r['ours'].get('profile', {}).get('by_kind', {}).items()}}
+  elif 'cases' in r:   # attention: cuDNN against XLA per shape
+    summary[name] = {c: {k: v.get(k) for k in ('xla_ms', 'cudnn_ms', 'speedup_cudnn_vs_xla',
+                                               'cudnn_refused')}
+                     | {'max_rel_diff': max((v.get('max_rel_diff') or {0: None}).values())}
+                     for c, v in r['cases'].items()}
   else:
     summary[name] = {'speedup_vs_peer': r.get('speedup_vs_peer')}
 with open(os.path.join(out, 'summary.json'), 'w') as f:

@@ -46,15 +46,18 @@ flags.DEFINE_bool('align_to_peer', False, 'Set our options that the diffusers pe
                   'counterpart for to what it computes, instead of refusing.')
 flags.DEFINE_string('clip_overrides', '', 'CLIP-conditioned stages: comma-separated '
                     'field=value overrides of the CLIP preset (e.g. model.embed_dim=64).')
+flags.DEFINE_integer('profile_steps', 0, 'Trace this many more steps with jax.profiler and '
+                     'add where their time goes, by kind of op, to the JSON (ours.profile).')
 flags.mark_flags_as_required(['config'])
 
 # Dense bf16 peak FLOP/s per device, for MFU (H100 SXM: measured matmul ceiling on our machine).
 PEAK_FLOPS = {'NVIDIA H100 80GB HBM3': 790e12, 'NVIDIA H200': 790e12}
 
 
-def measure_jax(config, steps: int, warmup: int, clip=None) -> dict:
+def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int = 0) -> dict:
   """Builds, compiles and times the train step (of a CLIP-conditioned stage on `clip`, default
-  its config's); returns the measurements."""
+  its config's); returns the measurements, with `profile_steps` more steps' trace summarised
+  under 'profile' (benchmarks/profile_summary.py)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -96,6 +99,7 @@ def measure_jax(config, steps: int, warmup: int, clip=None) -> dict:
       state, metrics = compiled(state, batch, constants)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / steps
+    profile, state = trace_steps(compiled, (state, batch, constants), profile_steps)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   by_name = {'/'.join(str(getattr(k, 'key', k)) for k in path): int(np.prod(x.shape))
              for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
@@ -112,7 +116,33 @@ def measure_jax(config, steps: int, warmup: int, clip=None) -> dict:
   peak = PEAK_FLOPS.get(devices[0].device_kind)
   if peak:
     result['mfu'] = total_flops / step_s / (peak * len(devices))
+  if profile:
+    result['profile'] = profile
   return result
+
+
+def trace_steps(compiled, args, steps: int) -> dict:
+  """Runs `compiled(*args)` `steps` times (feeding the returned state back) under
+  `jax.profiler.trace`; returns the trace summarised by kind of op ({} when steps is 0) and the
+  last state."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+  state, rest = args[0], args[1:]
+  if steps <= 0:
+    return {}, state
+  state, rest = args[0], args[1:]
+  with tempfile.TemporaryDirectory() as trace_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(steps):
+        state, metrics = compiled(state, *rest)
+      jax.block_until_ready((state, metrics))
+    wall_s = (time.perf_counter() - t0) / steps
+    summary = profile_summary.summarise(trace_dir, compiled.as_text(), steps)
+  summary['traced_steps'] = steps
+  summary['wall_ms_per_step_traced'] = round(wall_s * 1e3, 3)
+  return summary, state
 
 
 def unscanned_flops(stage, config, mesh) -> float:
@@ -354,14 +384,14 @@ def check_parameter_counts(config, clip_config, counts: dict[str, int]) -> tuple
 
 
 def compare_diffusers(config, clip_overrides: str, steps: int, warmup: int,
-                      compile_model: bool, align: bool) -> dict:
+                      compile_model: bool, align: bool, profile_steps: int = 0) -> dict:
   """Our stage's step beside its diffusers peer: {'aligned', 'peer_config', 'ours', 'peer',
   'unused_params_ours', 'speedup_vs_peer'}. Raises diffusers_peers.NoPeer (naming the field)
   where there is none, AssertionError if the parameter counts differ."""
   from unclip_jax.stages import clip as clip_stage  # pylint: disable=g-import-not-at-top
   aligned, clip_config, peer_config = prepare_peer(config, clip_overrides, align)
   clip = clip_stage.random_clip(clip_config) if clip_config is not None else None
-  ours = measure_jax(config, steps, warmup, clip=clip)
+  ours = measure_jax(config, steps, warmup, clip=clip, profile_steps=profile_steps)
   _, unused = check_parameter_counts(config, clip_config, ours.pop('param_counts'))
   peer = measure_diffusers(config.stage, config, clip_config, steps, warmup, False)
   result = {'aligned': {k: list(v) for k, v in aligned.items()}, 'peer_config': peer_config,
@@ -393,12 +423,14 @@ def main(argv):
     from benchmarks import diffusers_peers  # pylint: disable=g-import-not-at-top
     try:
       result.update(compare_diffusers(config, FLAGS.clip_overrides, FLAGS.steps, FLAGS.warmup,
-                                      FLAGS.peer_compile, FLAGS.align_to_peer))
+                                      FLAGS.peer_compile, FLAGS.align_to_peer,
+                                      FLAGS.profile_steps))
     except diffusers_peers.NoPeer as e:
       raise app.UsageError(f'no diffusers peer: {e}') from None
     print(json.dumps(result, indent=2))
     return
-  result['ours'] = measure_jax(config, FLAGS.steps, FLAGS.warmup)
+  result['ours'] = measure_jax(config, FLAGS.steps, FLAGS.warmup,
+                               profile_steps=FLAGS.profile_steps)
   result['ours'].pop('param_counts')
   if FLAGS.peer == 'transformers':
     if config.stage != 'clip':

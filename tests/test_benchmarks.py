@@ -24,14 +24,69 @@ def _load_benchmark():
 def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip_config):
   bench = _load_benchmark()
   config = make_tiny_clip_config()
-  ours = bench.measure_jax(config, steps=2, warmup=1)
+  ours = bench.measure_jax(config, steps=2, warmup=1, profile_steps=1)
   assert ours['num_devices'] == 8
+  # The traced step's ops, by kind: a transformer's time is in its matmuls and elementwise ops.
+  profile = ours['profile']
+  assert profile['traced_steps'] == 1 and profile['op_ms_per_step'] > 0
+  assert {'matmul', 'elementwise'} <= set(profile['by_kind'])
+  assert sum(k['share'] for k in profile['by_kind'].values()) == pytest.approx(1, abs=0.01)
+  assert profile['top_ops'] and all(op['kind'] != 'other' for op in profile['top_ops'])
   assert ours['flops_per_step'] > 0 and ours['tflops_per_s'] > 0
   assert ours['samples_per_s'] == pytest.approx(config.batch_size / ours['step_time_s'])
   pytest.importorskip('transformers')
   peer = bench.measure_transformers_clip(config, steps=1, warmup=1, compile_model=False)
   # The peer is the same architecture at the same sizes: identical parameter counts.
   assert peer['params'] == ours['params']
+
+
+def test_profile_summary_reads_each_op_kind_from_a_trace(tmp_path):
+  """A convolution, then a matmul and a transpose, traced with jax.profiler: each op's time lands
+  under its kind, read from the optimised HLO."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import profile_summary  # pylint: disable=g-import-not-at-top
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  def matmul_and_transpose(a, b):
+    return a @ b, jnp.transpose(a, (1, 0))
+  cases = [(conv, (jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))), 'convolution',
+            'f32[2,16,16,32]'),
+           (matmul_and_transpose, (jnp.ones((256, 128)), jnp.ones((128, 64))), 'matmul',
+            'f32[256,64]')]
+  for i, (fn, args, kind, shape) in enumerate(cases):
+    compiled = jax.jit(fn).lower(*args).compile()
+    assert kind in profile_summary.op_kinds(compiled.as_text()).values()
+    jax.block_until_ready(compiled(*args))
+    trace_dir = str(tmp_path / str(i))
+    with jax.profiler.trace(trace_dir):
+      for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    summary = profile_summary.summarise(trace_dir, compiled.as_text(), steps=2)
+    assert summary['clock'] == 'host'
+    assert summary['by_kind'][kind]['ms'] > 0, summary
+    assert shape in {op['shape'] for op in summary['top_ops'] if op['kind'] == kind}, summary
+    if kind == 'matmul':
+      assert 'layout' in summary['by_kind'], summary     # the transpose
+  with pytest.raises(FileNotFoundError, match='no \\*.xplane.pb'):
+    profile_summary.summarise(str(tmp_path / 'empty'), compiled.as_text(), steps=1)
+
+
+def test_attention_benchmark_checks_the_cudnn_operands():
+  """benchmarks/attention.py --cpu_smoke: cuDNN's operands (mask as bias, even lengths) through
+  XLA's kernel give XLA's masked attention, outputs and gradients."""
+  spec = importlib.util.spec_from_file_location(
+      'attention_benchmark', os.path.join(REPO, 'benchmarks', 'attention.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for name, shape in module.SMOKE.items():
+    result = module.run_case(shape, repeats=1, on_gpu=False)
+    assert result['cudnn_path'] == 'cudnn_operands_on_xla', name
+    assert result['keys'] % 2 or result['queries'] % 2, name     # padding is exercised
+    assert set(result['max_rel_diff']) == {'out', 'dq', 'dk', 'dv'}
+    assert max(result['max_rel_diff'].values()) < 1e-2, (name, result['max_rel_diff'])
 
 
 def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):

@@ -368,7 +368,11 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
     ('unclip_jax.data.embeddings', ('--out:', '--chunk_size:')),
     ('unclip_jax.data.prepare', ('--out:', '--resolution:')),
     ('unclip_jax.sweep', ('--sweep:', '--summarize:')),
-    ('benchmarks/train_step.py', ('--peer:', '--steps:')),
+    ('benchmarks/train_step.py', ('--peer:', '--steps:', '--profile_steps:')),
+    ('benchmarks/attention.py', ('--[no]cpu_smoke:', '--repeats:')),
+    ('benchmarks/sampling.py', ('--batch_sizes:', '--dtypes:')),
+    ('benchmarks/compile_preset.py', ('--devices:', '--config:')),
+    ('benchmarks/input_pipeline.py', ('--batch_size:', '--images:')),
 ])
 def test_help_lists_the_commands_own_flags(module, expected, tmp_path):
   command = ([os.path.join(REPO, module)] if module.endswith('.py') else ['-m', module])

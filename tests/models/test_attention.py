@@ -1,0 +1,102 @@
+"""The attention helper's cuDNN operands: a boolean mask as a bias, lengths padded to even.
+
+cuDNN itself needs a GPU; here the same operands go through XLA's implementation, which must give
+the masked attention (values and gradients) for every mask shape the models pass.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.models import attention
+
+
+def _reference(q, k, v, mask, is_causal):
+  """Masked softmax attention in numpy, float64."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1])
+  allowed = np.ones(logits.shape, bool)
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask), logits.shape)
+  if is_causal:
+    allowed &= np.tril(np.ones(logits.shape[-2:], bool))
+  logits = np.where(allowed, logits, -1e30)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bhts,bshd->bthd', weights, v)
+
+
+def _inputs(t, s, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(2, t, 3, 8)).astype(np.float32)
+  k, v = (rng.normal(size=(2, s, 3, 8)).astype(np.float32) for _ in range(2))
+  return q, k, v
+
+
+# The models' masks: the decoder's encoder-key padding ([B, 1, 1, S], odd lengths), the prior's
+# causal self-attention over padded caption tokens, a full [B, H, T, S] mask, one shared by the
+# batch, and no mask.
+CASES = {
+    'key_padding_odd': (7, 9, lambda: np.arange(9)[None, None, None, :] < np.array(
+        [5, 9])[:, None, None, None], False),
+    'causal_padded_tokens': (9, 9, lambda: np.array(
+        [[1, 1, 1, 0, 0, 1, 1, 1, 1]] * 2, bool)[:, None, None, :], True),
+    'full': (6, 5, lambda: np.random.default_rng(1).random((2, 3, 6, 5)) > 0.3, False),
+    'shared': (5, 6, lambda: np.random.default_rng(2).random((6,)) > 0.4, False),
+    'none': (5, 7, lambda: None, False),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_cudnn_operands_give_the_masked_attention(case):
+  t, s, make_mask, is_causal = CASES[case]
+  q, k, v = _inputs(t, s)
+  mask = make_mask()
+  pq, pk, pv, bias, length = attention.cudnn_operands(jnp.asarray(q), k, v, mask)
+  assert length == t
+  if mask is not None:
+    assert pq.shape[1] % 2 == 0 and pk.shape[1] % 2 == 0 and pk.shape == pv.shape
+    assert bias.shape[2:] == (pq.shape[1], pk.shape[1]) and bias.dtype == jnp.float32
+  out = attention.cudnn_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='xla')
+  assert out.shape == q.shape
+  np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
+
+
+def test_cudnn_operands_keep_the_gradients():
+  q, k, v = _inputs(7, 9)
+  mask = CASES['key_padding_odd'][2]()
+  loss = lambda impl: lambda q, k, v: jnp.sum(impl(q, k, v) ** 2)
+  padded = jax.grad(loss(lambda q, k, v: attention.cudnn_attention(
+      q, k, v, mask=mask, implementation='xla')), argnums=(0, 1, 2))(q, k, v)
+  plain = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)),
+                   argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(padded, plain):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # Masked keys get no gradient.
+  assert np.all(np.asarray(padded[1])[0, 5:] == 0)
+
+
+def test_bfloat16_bias_masks_out_keys():
+  q, k, v = _inputs(4, 5)
+  v[:, 3:] = 100.0                      # masked keys with values that would show
+  mask = np.array([True, True, True, False, False])
+  out = attention.cudnn_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask=mask,
+                                  implementation='xla')
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), _reference(q, k, v, mask, False),
+                             atol=0.05)
+
+
+def test_xla_context_and_cpu_fall_back_to_xla():
+  q, k, v = _inputs(5, 7)
+  mask = np.arange(7) < 4
+  expected = _reference(q, k, v, mask, False)
+  np.testing.assert_allclose(attention.dot_product_attention(q, k, v, mask=mask), expected,
+                             atol=2e-5)
+  with attention.implementation('xla'):
+    np.testing.assert_allclose(attention.dot_product_attention(q, k, v, mask=mask), expected,
+                               atol=2e-5)
+  with pytest.raises(ValueError, match="'auto' or 'xla'"):
+    with attention.implementation('flash'):
+      pass
