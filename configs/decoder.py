@@ -37,6 +37,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
       attention_resolutions=(4,), num_head_channels=32, dropout=0.0,  # factors: 8px at 32px
       use_scale_shift_norm=True, resblock_updown=True, norm_groups=32, remat=False,
+      remat_policy='full',   # with remat: 'save_projections' keeps conv/dense outputs
       patch_size=1,    # >1: space-to-depth, the finest level p times coarser
       coord_channels=False))   # True: x, y input channels (CoordConv; no position gain measured)
   c.model.context_width = 64          # width of the attention context tokens

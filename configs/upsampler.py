@@ -40,6 +40,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
       model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
       num_head_channels=32, dropout=0.0, use_scale_shift_norm=True, resblock_updown=False,
       norm_groups=32, remat=False,
+      remat_policy='full',   # with remat: 'save_projections' keeps conv/dense outputs
       patch_size=1))   # >1: space-to-depth, the finest level p times coarser
 
   c.diffusion = ml_collections.ConfigDict()

@@ -250,13 +250,14 @@ def test_bfloat16_compute_with_float32_params():
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
-def test_remat_and_dropout_match_the_plain_model():
+@pytest.mark.parametrize('policy', ['full', 'save_projections'])
+def test_remat_and_dropout_match_the_plain_model(policy):
   x, t, enc = _normal((2, 8, 8, 3), 1), jnp.array([3, 700]), _normal((2, 5, CONTEXT_DIM), 3)
   params = _random_params(UNet(**TINY), x, t, encoder_states=enc)
 
   def loss(remat, p):
     kw = dict(encoder_states=enc, rngs={'dropout': jax.random.PRNGKey(7)})
-    model = UNet(**TINY, dropout=0.3, remat=remat)
+    model = UNet(**TINY, dropout=0.3, remat=remat, remat_policy=policy)
     out = model.apply({'params': p}, x, t, train=True, **kw)
     evaluation = model.apply({'params': p}, x, t, **kw)
     return jnp.mean(out ** 2), (out, evaluation)
@@ -268,6 +269,60 @@ def test_remat_and_dropout_match_the_plain_model():
   for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
   assert _differs(plain, evaluation)   # dropout is active in training only
+
+
+def _residual_bytes(model, params, x, t, enc):
+  """Bytes the jitted forward pass keeps for the backward one (parameters aside)."""
+  f = lambda p: jnp.sum(model.apply({'params': p}, x, t, encoder_states=enc) ** 2)
+  vjp = jax.jit(lambda p: jax.vjp(f, p)[1])(params)
+  kept = {id(a) for a in jax.tree.leaves(params)}
+  return sum(a.nbytes for a in jax.tree.leaves(vjp) if hasattr(a, 'nbytes') and id(a) not in kept)
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+  """'full' keeps least, 'save_projections' (conv and dense outputs) more, no remat the most."""
+  x, t, enc = _normal((2, 16, 16, 3), 1), jnp.array([3, 700]), _normal((2, 5, CONTEXT_DIM), 3)
+  params = _random_params(UNet(**TINY), x, t, encoder_states=enc)
+  kept = {name: _residual_bytes(UNet(**TINY, **kw), params, x, t, enc) for name, kw in [
+      ('none', {}), ('full', dict(remat=True)),
+      ('save_projections', dict(remat=True, remat_policy='save_projections'))]}
+  assert kept['full'] < kept['save_projections'] < 0.6 * kept['none'], kept
+  with pytest.raises(ValueError, match="remat_policy must be one of .*'nothing'"):
+    jax.eval_shape(functools.partial(UNet(**TINY, remat_policy='nothing').init,
+                                     encoder_states=enc), _key(), x, t)
+
+
+@pytest.mark.parametrize('silu,modulated', [(False, False), (True, False), (True, True)])
+def test_fused_group_norm_matches_autodiff_of_the_formula(silu, modulated):
+  """unet.group_norm's hand-written backward pass (which keeps only x and the statistics) gives
+  the gradients autodiff gives for the plain formula, for the input, the affine parameters and a
+  per-sample modulation (scale-shift conditioning)."""
+  from unclip_jax.models.unet import group_norm   # pylint: disable=g-import-not-at-top
+  groups, c = 4, 16
+  x = _normal((3, 5, 6, c), 1) * 2 + 0.5
+  a = 1 + 0.3 * _normal((3 if modulated else 1, 1, 1, c), 2)
+  b = 0.2 * _normal((3 if modulated else 1, 1, 1, c), 3)
+  w = _normal((3, 5, 6, c), 4)
+
+  def reference(x, a, b):
+    xg = x.reshape(3, 5, 6, groups, c // groups)
+    mean = xg.mean((1, 2, 4), keepdims=True)
+    var = ((xg - mean) ** 2).mean((1, 2, 4), keepdims=True)
+    z = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * a + b
+    return jax.nn.silu(z) if silu else z
+
+  fused = lambda x, a, b: group_norm(x, a, b, groups, 1e-5, silu)
+  np.testing.assert_allclose(fused(x, a, b), reference(x, a, b), atol=2e-5)
+  loss = lambda f: lambda x, a, b: jnp.sum(f(x, a, b) * w)
+  got = jax.grad(loss(fused), argnums=(0, 1, 2))(x, a, b)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(x, a, b)
+  for g, r in zip(got, want):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, atol=5e-5, rtol=1e-4)
+  # bfloat16 input: the gradient comes back in bfloat16, close to float32's.
+  gx = jax.grad(lambda x: jnp.sum(fused(x, a, b) * w))(x.astype(jnp.bfloat16))
+  assert gx.dtype == jnp.bfloat16
+  assert float(jnp.linalg.norm(gx.astype(jnp.float32) - want[0]) / jnp.linalg.norm(want[0])) < 0.02
 
 
 def test_misuse_raises_clear_errors():

@@ -30,16 +30,27 @@ Parameter names: `conv_in`, `time_fc1`, `time_fc2`, `down_{level}_res_{i}`,
 `up_{level}_res_{i}`, `up_{level}_attn_{i}`, `up_{level}_upsample`, `norm_out`, `conv_out`.
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from unclip_jax.models.attention import dot_product_attention
 from unclip_jax.models.prior import timestep_embedding
 from unclip_jax.models.transformer import dense
+
+# What a rematerialised block keeps for its backward pass (`UNet.remat_policy`); None: only the
+# block's inputs. Convolutions are named 'conv' (`checkpoint_name`); projections are dots.
+REMAT_POLICIES = {
+    'full': None,
+    'save_projections': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names('conv')),
+}
 
 Dtype = Any
 
@@ -110,41 +121,116 @@ def _constrain(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ('batch', None, None, 'act_embed'))
 
 
+def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """Each channel's group mean and 1/std, [B, 1.., C] float32, of x [B, ..., C] float32.
+
+  Sums over the spatial axes first (channels stay the contiguous minor axis), then over each
+  group's channels: XLA:CPU reduces this layout 5-6x faster (forward and backward) than a
+  reduction over [..., groups, channels per group], which it strides through.
+  """
+  b, c = x.shape[0], x.shape[-1]
+  per_group = c // num_groups
+  spatial = tuple(range(1, x.ndim - 1))
+  count = per_group * int(np.prod(x.shape[1:-1]))
+  stat_shape = (b,) + (1,) * len(spatial) + (c,)
+
+  def group_mean(per_channel_sums):   # [B, C] sums → each channel its group's mean [B,1..,C]
+    groups = per_channel_sums.reshape(b, num_groups, per_group).sum(-1) / count
+    return jnp.repeat(groups, per_group, axis=-1).reshape(stat_shape)
+
+  mean = group_mean(x.sum(spatial))
+  var = group_mean(jnp.square(x - mean).sum(spatial))
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+def _group_mean(y: jax.Array, num_groups: int) -> jax.Array:
+  """Each channel's mean of y [B, ..., C] over its group (spatial axes and the group's channels),
+  [B, 1.., C]."""
+  b, c = y.shape[0], y.shape[-1]
+  per_group = c // num_groups
+  sums = y.sum(tuple(range(1, y.ndim - 1))).reshape(b, num_groups, per_group).sum(-1)
+  count = per_group * int(np.prod(y.shape[1:-1]))
+  return jnp.repeat(sums / count, per_group, axis=-1).reshape((b,) + (1,) * (y.ndim - 2) + (c,))
+
+
+def _sum_to(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums y over the axes where `shape` (same rank) has 1 — the gradient of a broadcast."""
+  axes = tuple(i for i, (n, m) in enumerate(zip(y.shape, shape)) if m == 1 and n != 1)
+  return y.sum(axes, keepdims=True).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x: jax.Array, a: jax.Array, b: jax.Array, num_groups: int, epsilon: float,
+               silu: bool) -> jax.Array:
+  """GroupNorm of x [B, ..., C] with a per-channel affine map, then optionally SiLU, float32:
+
+    z = (x - mean) / std · a + b;   out = silu(z) if silu else z,
+
+  statistics over each group's channels and the spatial axes. `a` and `b` broadcast against
+  [B, 1.., C] (the affine parameters, or those modulated per sample: scale-shift conditioning).
+  The backward pass keeps only x (in its own dtype) and the statistics and recomputes the rest,
+  as PyTorch's fused GroupNorm does: without it, autodiff keeps the centred, normalised and
+  activated tensors, three times the activation memory of every norm.
+  """
+  out, _ = _group_norm_fwd(x, a, b, num_groups, epsilon, silu)
+  return out
+
+
+def _group_norm_fwd(x, a, b, num_groups, epsilon, silu):
+  xf = x.astype(jnp.float32)
+  mean, rstd = _group_stats(xf, num_groups, epsilon)
+  z = (xf - mean) * rstd * a + b
+  return (z * jax.nn.sigmoid(z) if silu else z), (x, a, b, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, epsilon, silu, residuals, g):
+  del epsilon
+  x, a, b, mean, rstd = residuals
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dz = g.astype(jnp.float32)
+  if silu:
+    sig = jax.nn.sigmoid(xhat * a + b)
+    dz = dz * sig * (1 + (xhat * a + b) * (1 - sig))
+  da = _sum_to(dz * xhat, a.shape).astype(a.dtype)
+  db = _sum_to(dz, b.shape).astype(b.dtype)
+  dxhat = dz * a
+  dx = rstd * (dxhat - _group_mean(dxhat, num_groups) -
+               xhat * _group_mean(dxhat * xhat, num_groups))
+  return dx.astype(x.dtype), da, db
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
   """GroupNorm (32 groups in ADM) over the channels of [B, ..., C], float32 statistics.
 
   Channels are grouped contiguously (channel c in group c // (C / num_groups)), like PyTorch.
-  Output: same shape, in `dtype`.
+  `__call__(x, scale=None, shift=None)`: with them, the normalised x is modulated per sample,
+  GN(x)·scale + shift (scale-shift conditioning; [B, 1.., C]); `silu` applies SiLU after. One
+  fused `group_norm` computes it all. Output: same shape, in `dtype`.
   """
   num_groups: int = 32
   epsilon: float = 1e-5
+  silu: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, scale: Optional[jax.Array] = None,
+               shift: Optional[jax.Array] = None) -> jax.Array:
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f'GroupNorm: {c} channels are not divisible by {self.num_groups} groups')
-    scale = self.param('scale', _boxed(nn.initializers.ones, ('norm',)), (c,), jnp.float32)
-    bias = self.param('bias', _boxed(nn.initializers.zeros, ('norm',)), (c,), jnp.float32)
-    x = x.astype(jnp.float32)
-    b, per_group = x.shape[0], c // self.num_groups
-    spatial = tuple(range(1, x.ndim - 1))
-    count = per_group * int(np.prod(x.shape[1:-1]))
-    stat_shape = (b,) + (1,) * len(spatial) + (c,)
-
-    def group_mean(per_channel_sums):   # [B, C] sums → each channel its group's mean [B,1..,C]
-      groups = per_channel_sums.reshape(b, self.num_groups, per_group).sum(-1) / count
-      return jnp.repeat(groups, per_group, axis=-1).reshape(stat_shape)
-
-    # Sums over the spatial axes first (channels stay the contiguous minor axis), then over
-    # each group's channels: XLA:CPU reduces this layout 5-6x faster (forward and backward)
-    # than a reduction over [..., groups, channels per group], which it strides through.
-    mean = group_mean(x.sum(spatial))
-    centred = x - mean
-    var = group_mean(jnp.square(centred).sum(spatial))
-    y = centred * jax.lax.rsqrt(var + self.epsilon)
-    return (y * scale + bias).astype(self.dtype)
+    gamma = self.param('scale', _boxed(nn.initializers.ones, ('norm',)), (c,), jnp.float32)
+    beta = self.param('bias', _boxed(nn.initializers.zeros, ('norm',)), (c,), jnp.float32)
+    shape = (1,) * (x.ndim - 1) + (c,)
+    a, b = gamma.reshape(shape), beta.reshape(shape)
+    if scale is not None:                     # (x̂·γ + β)·scale + shift
+      scale = scale.astype(jnp.float32)
+      a, b = a * scale, b * scale
+    if shift is not None:
+      b = b + shift.astype(jnp.float32)
+    return group_norm(x, a, b, self.num_groups, self.epsilon, self.silu).astype(self.dtype)
 
 
 class Projection(nn.Module):
@@ -199,26 +285,26 @@ class ResBlock(nn.Module):
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
     c = self.out_channels
     x = x.astype(self.dtype)
-    h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name='norm_in')(x))
+    h = GroupNorm(self.norm_groups, silu=True, dtype=self.dtype, name='norm_in')(x)
     if self.up:
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.down:
       h, x = avg_pool(h), avg_pool(x)
-    h = conv(c, 3, dtype=self.dtype, name='conv_in')(h)
+    h = checkpoint_name(conv(c, 3, dtype=self.dtype, name='conv_in')(h), 'conv')
 
     emb = nn.silu(emb.astype(jnp.float32)).astype(self.dtype)
-    norm_out = GroupNorm(self.norm_groups, dtype=self.dtype, name='norm_out')
+    norm_out = GroupNorm(self.norm_groups, silu=True, dtype=self.dtype, name='norm_out')
     if self.use_scale_shift_norm:
       scale_shift = Projection((2, c), ('embed', None, 'conv_out'), dtype=self.dtype,
                                name='emb_proj')(emb)
       scale, shift = scale_shift[:, None, None, 0], scale_shift[:, None, None, 1]
-      h = norm_out(h) * (1 + scale) + shift
+      h = norm_out(h, scale=1 + scale.astype(jnp.float32), shift=shift)
     else:
       shift = dense(c, ('embed', 'conv_out'), dtype=self.dtype, name='emb_proj',
                     kernel_init=_fan_in_uniform())(emb)
       h = norm_out(h + shift[:, None, None])
-    h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
-    h = conv(c, 3, dtype=self.dtype, zero_init=True, name='conv_out')(h)
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = checkpoint_name(conv(c, 3, dtype=self.dtype, zero_init=True, name='conv_out')(h), 'conv')
 
     skip = x if x.shape[-1] == c else conv(c, 1, dtype=self.dtype, name='skip')(x)
     return skip + h
@@ -230,7 +316,8 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(upsample_nearest(x))
+    return checkpoint_name(conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(
+        upsample_nearest(x)), 'conv')
 
 
 class Downsample(nn.Module):
@@ -239,7 +326,8 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv(x.shape[-1], 3, strides=2, dtype=self.dtype, name='conv')(x)
+    return checkpoint_name(conv(x.shape[-1], 3, strides=2, dtype=self.dtype, name='conv')(x),
+                           'conv')
 
 
 class AttentionBlock(nn.Module):
@@ -317,6 +405,10 @@ class UNet(nn.Module):
       instance norm and erases each channel's spatial mean; a small model trained on crops then
       gets the absolute colours of larger images wrong. Use fewer groups for narrow models.
     remat: rematerialise residual and attention blocks in the backward pass.
+    remat_policy: what a rematerialised block keeps from its forward pass (REMAT_POLICIES):
+      'full' keeps only its input and recomputes everything; 'save_projections' keeps the
+      outputs of its convolutions and dense projections and recomputes the normalisations,
+      activations and attention, which are cheap to recompute and hold most of the memory.
     patch_size: p×p pixels per position of the finest level (space-to-depth); 1 is ADM's.
     coord_channels: append each pixel's x and y (in [-1, 1]) to the input as two channels
       (CoordConv, Liu et al. 2018): convolutions are translation-equivariant and the attention
@@ -336,6 +428,7 @@ class UNet(nn.Module):
   context_dim: Optional[int] = None
   norm_groups: int = 32
   remat: bool = False
+  remat_policy: str = 'full'
   patch_size: int = 1
   coord_channels: bool = False
   dtype: Dtype = jnp.float32
@@ -377,8 +470,9 @@ class UNet(nn.Module):
       emb = emb + emb_extra.astype(jnp.float32)
 
     # ResBlock.__call__(self, x, emb, train): `train` (argument 3, counting self) is static.
-    res = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+    policy = REMAT_POLICIES[self.remat_policy]
+    res = nn.remat(ResBlock, static_argnums=(3,), policy=policy) if self.remat else ResBlock
+    attn = nn.remat(AttentionBlock, policy=policy) if self.remat else AttentionBlock
     res_kw = dict(use_scale_shift_norm=self.use_scale_shift_norm, dropout=self.dropout,
                   norm_groups=self.norm_groups, dtype=self.dtype)
     attends = set(self.attention_resolutions)
@@ -438,7 +532,7 @@ class UNet(nn.Module):
         else:
           h = _constrain(Upsample(self.dtype, name=name)(h))
 
-    h = nn.silu(GroupNorm(self.norm_groups, dtype=jnp.float32, name='norm_out')(h))
+    h = GroupNorm(self.norm_groups, silu=True, dtype=jnp.float32, name='norm_out')(h)
     return depth_to_space(conv(self.out_channels * p * p, 3, dtype=jnp.float32, zero_init=True,
                                axes=(None, None, 'conv_in', 'channels'), name='conv_out')(h), p)
 
@@ -454,6 +548,9 @@ class UNet(nn.Module):
   def _check(self, x, emb_extra, encoder_states, encoder_mask):
     """Raises ValueError for inputs or attributes this model cannot use."""
     levels = len(self.channel_mult)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy must be one of {sorted(REMAT_POLICIES)}, got '
+                       f'{self.remat_policy!r}')
     if self.patch_size < 1:
       raise ValueError(f'patch_size must be >= 1, got {self.patch_size}')
     factors = [self.patch_size * 2 ** level for level in range(levels)]
