@@ -37,3 +37,36 @@ def test_scanned_params_carry_a_layers_axis():
   boxed = Transformer(depth=2, num_heads=4, scan=True).init(jax.random.PRNGKey(0), x)
   spec = nn.get_partition_spec(boxed)['params']['block']['mlp']['fc']['kernel']
   assert tuple(spec) == ('layers', 'embed', 'mlp')
+
+
+def test_layer_norm_and_activations_backward_passes_match_autodiff():
+  """layer_norm's hand-written backward pass and the activations that keep only their input give
+  the gradients autodiff gives for the plain formulas."""
+  from unclip_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 16)) * 2 + 0.5, jnp.float32)
+  scale = jnp.asarray(1 + 0.3 * rng.normal(size=16), jnp.float32)
+  bias = jnp.asarray(0.2 * rng.normal(size=16), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+
+  def reference(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * scale + bias
+
+  fused = lambda x, s, b: transformer.layer_norm(x, s, b, 1e-5)
+  np.testing.assert_allclose(fused(x, scale, bias), reference(x, scale, bias), atol=2e-5)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(x, scale, bias)
+  for got, want in zip(grads(fused), grads(reference)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+
+  plain = {'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+           'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+           'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True), 'silu': jax.nn.silu}
+  assert set(plain) == set(transformer.ACTIVATIONS)
+  for name, fn in plain.items():
+    act = transformer.ACTIVATIONS[name]
+    np.testing.assert_allclose(act(x), fn(x), atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(act(x) * w))(x),
+                               jax.grad(lambda x: jnp.sum(fn(x) * w))(x), atol=1e-5,
+                               err_msg=name)

@@ -5,6 +5,7 @@ onto the device mesh. Activations are computed in `dtype`; parameters are kept i
 layer-norm statistics and softmax run in float32.
 """
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -16,17 +17,63 @@ from unclip_jax.models.attention import dot_product_attention
 Dtype = Any
 
 
+def keep_input_only(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+  """`fn` (elementwise) whose backward pass keeps only its input and recomputes the rest.
+
+  Autodiff of an erf GELU keeps four tensors of the MLP's hidden size (erfc, exp and two
+  products) for the backward pass; recomputing them from the input costs a few elementwise ops.
+  """
+  @jax.custom_vjp
+  def f(x):
+    return fn(x)
+
+  def f_bwd(x, g):
+    return jax.vjp(fn, x)[1](g)
+
+  f.defvjp(lambda x: (fn(x), x), f_bwd)
+  return f
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   """OpenAI CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
   return x * jax.nn.sigmoid(1.702 * x)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'quick_gelu': quick_gelu,
-    'gelu': lambda x: nn.gelu(x, approximate=False),
-    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
-    'silu': nn.silu,
+    'quick_gelu': keep_input_only(quick_gelu),
+    'gelu': keep_input_only(lambda x: nn.gelu(x, approximate=False)),
+    'gelu_tanh': keep_input_only(lambda x: nn.gelu(x, approximate=True)),
+    'silu': keep_input_only(nn.silu),
 }
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) · scale + bias over the last axis, float32 (statistics
+  included). The backward pass keeps only x (in its own dtype), the mean and 1/std."""
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + epsilon)
+  return (xf - mean) * rstd * scale + bias, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, residuals, g):
+  del epsilon
+  x, scale, mean, rstd = residuals
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  g = g.astype(jnp.float32)
+  batch_axes = tuple(range(g.ndim - 1))
+  dxhat = g * scale
+  dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) -
+               xhat * (dxhat * xhat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), (g * xhat).sum(batch_axes), g.sum(batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, dtype: Dtype,
@@ -38,18 +85,27 @@ def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, dtype: Dt
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
 
 
+class _NormParams(nn.Module):
+  """A norm's scale and bias [width] (the parameters' place: `<norm>/ln/{scale,bias}`)."""
+
+  @nn.compact
+  def __call__(self, width: int) -> tuple[jax.Array, jax.Array]:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (width,), jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
+                      (width,), jnp.float32)
+    return scale, bias
+
+
 class LayerNorm(nn.Module):
-  """LayerNorm with float32 statistics; the output is cast back to `dtype`."""
+  """LayerNorm with float32 statistics (`layer_norm`); the output is cast back to `dtype`."""
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)),
-                     name='ln')(x.astype(jnp.float32))
-    return y.astype(self.dtype)
+    scale, bias = _NormParams(name='ln')(x.shape[-1])
+    return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
 class MultiHeadAttention(nn.Module):
