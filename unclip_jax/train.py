@@ -645,7 +645,10 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
     divergence = _Divergence(config, int(jax.device_get(state.nonfinite_steps)))
     compiled, flops_per_step = None, 0.0
     for step in range(start + 1, config.num_train_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      # Between logs the host never waits for the device: an implicit device→host transfer
+      # (`float(x)`, `np.asarray(x)`, `if x:`) here raises instead of silently syncing.
+      with jax.profiler.StepTraceAnnotation('train', step_num=step), \
+          jax.transfer_guard_device_to_host('disallow'):
         batch = make_global_batch(next(data_iter), mesh, batch_keys)
         if compiled is None:  # compiled ahead of time once, for its FLOP count
           compiled = train_step.lower(state, batch, constants).compile()
@@ -653,10 +656,10 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
           flops_per_step = 0.0 if config.model.get('scan') else compiled_flops(compiled)
           timer = (time.perf_counter(), step - 1)
         state, metrics = compiled(state, batch, constants)
-      history.append(metrics)
-      saver.poll()
-      for hook in hooks:
-        hook(step)
+        history.append(metrics)
+        saver.poll()
+        for hook in hooks:
+          hook(step)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         history = jax.device_get(history)
         divergence.update(history, step)
