@@ -106,6 +106,8 @@ for path in sorted(glob.glob(os.path.join(out, '*.json'))):
                      'speedup_vs_peer': r.get('speedup_vs_peer'),
                      'speedup_vs_peer_compiled': r.get('speedup_vs_peer_compiled'),
                      'mfu': r['ours'].get('mfu'),
+                     'ours_peak_memory_gb': r['ours'].get('peak_memory_gb'),
+                     'peer_peak_memory_gb': r.get('peer', {}).get('peak_memory_gb'),
                      'time_share_by_kind': {k: v['share'] for k, v in
                                             r['ours'].get('profile', {}).get('by_kind', {}).items()}}
   elif 'cases' in r:   # attention: cuDNN against XLA per shape

@@ -8,16 +8,18 @@ r"""Throughput of one stage's compiled train step, printed as JSON (with a PyTor
 
 Compiles the sharded train step ahead of time on synthetic batches (no dataset, no TensorFlow),
 reads the FLOPs per step from XLA's cost analysis, times `--steps` steps after `--warmup`, and
-prints step time, samples/s, TFLOP/s (total and per device) and, where the device's bf16 peak is
-known, MFU. With `--peer`, the same model sizes, batch and optimizer (AdamW) run in PyTorch
-(bf16 autocast on GPU; `--peer_compile` adds torch.compile) and the JSON carries both and their
-ratio: `transformers`' CLIPModel for the CLIP, and for the prior, decoder and upsampler the
-diffusers modules karlo is made of, built from our config (benchmarks/diffusers_peers.py: the
-mapping is checked by mapping back through unclip_jax.convert, and the parameter counts must be
-equal). Options diffusers' modules do not have are refused, or with `--align_to_peer` set on our
-side to what they compute (reported under 'aligned'). The peers of CLIP-conditioned stages run
-the frozen CLIP (transformers' CLIPModel at the same sizes) in their step, as ours do;
-`--clip_overrides=model.embed_dim=64,model.text.width=64` changes the CLIP preset's sizes.
+prints step time, samples/s, TFLOP/s (total and per device), where the device's bf16 peak is
+known MFU, and memory: XLA's estimate for the compiled step and, on GPU, the peak in use (the
+peer's: torch.cuda.max_memory_allocated). With `--peer`, the same model sizes, batch and
+optimizer (AdamW) run in PyTorch (bf16 autocast on GPU; `--peer_compile` adds torch.compile) and
+the JSON carries both and their ratio: `transformers`' CLIPModel for the CLIP, and for the prior,
+decoder and upsampler the diffusers modules karlo is made of, built from our config
+(benchmarks/diffusers_peers.py: the mapping is checked by mapping back through unclip_jax.convert,
+and the parameter counts must be equal). Options diffusers' modules do not have are refused, or
+with `--align_to_peer` set on our side to what they compute (reported under 'aligned'). The peers
+of CLIP-conditioned stages run the frozen CLIP (transformers' CLIPModel at the same sizes) in
+their step, as ours do; `--clip_overrides=model.embed_dim=64,model.text.width=64` changes the CLIP
+preset's sizes. `--profile_steps=N` adds where N traced steps' time goes, by kind of op.
 """
 
 import json
@@ -88,6 +90,7 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
     compiled = step_fn.lower(state, batch, constants).compile()
     compile_s = time.perf_counter() - t0
     total_flops = train.compiled_flops(compiled)
+    memory = compiled_memory_gb(compiled)
     if config.model.get('scan'):
       # XLA counts a scanned loop's body once: count the unscanned step instead.
       total_flops = unscanned_flops(stage, config, mesh)
@@ -116,9 +119,26 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
   peak = PEAK_FLOPS.get(devices[0].device_kind)
   if peak:
     result['mfu'] = total_flops / step_s / (peak * len(devices))
+  if memory:
+    result['xla_memory_estimate_gb'] = memory
+  stats = devices[0].memory_stats()   # None on CPU
+  if stats and 'peak_bytes_in_use' in stats:
+    result['peak_memory_gb'] = round(stats['peak_bytes_in_use'] / 1e9, 3)
   if profile:
     result['profile'] = profile
   return result
+
+
+def compiled_memory_gb(compiled) -> float:
+  """XLA's estimate of one device's memory for a call of `compiled`: arguments, outputs not
+  aliased to them, and temporaries, in GB (0 where the backend gives no analysis)."""
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+             m.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return 0.0
+  return round(total / 1e9, 3)
 
 
 def trace_steps(compiled, args, steps: int) -> dict:
@@ -212,6 +232,8 @@ def time_torch_steps(step, device: str, steps: int, warmup: int) -> dict:
   {'warmup_s', 'step_time_s', 'final_loss'}."""
   import torch  # pylint: disable=g-import-not-at-top
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  if device == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
   t0 = time.perf_counter()
   for _ in range(max(warmup, 1)):
     step()
@@ -221,8 +243,11 @@ def time_torch_steps(step, device: str, steps: int, warmup: int) -> dict:
   for _ in range(steps):
     loss = step()
   sync()
-  return {'warmup_s': round(warmup_s, 3), 'step_time_s': (time.perf_counter() - t0) / steps,
-          'final_loss': float(loss.detach())}
+  result = {'warmup_s': round(warmup_s, 3), 'step_time_s': (time.perf_counter() - t0) / steps,
+            'final_loss': float(loss.detach())}
+  if device == 'cuda':
+    result['peak_memory_gb'] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+  return result
 
 
 def clip_config_for(config, overrides: str = ''):

@@ -34,6 +34,8 @@ def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip
   assert profile['top_ops'] and all(op['kind'] != 'other' for op in profile['top_ops'])
   assert ours['flops_per_step'] > 0 and ours['tflops_per_s'] > 0
   assert ours['samples_per_s'] == pytest.approx(config.batch_size / ours['step_time_s'])
+  # XLA's memory estimate holds at least the parameters and AdamW's two moments (float32).
+  assert ours['xla_memory_estimate_gb'] * 1e9 > 3 * 4 * ours['params']
   pytest.importorskip('transformers')
   peer = bench.measure_transformers_clip(config, steps=1, warmup=1, compile_model=False)
   # The peer is the same architecture at the same sizes: identical parameter counts.
