@@ -30,6 +30,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       width=128, depth=4, num_heads=4, mlp_ratio=4.0, activation='gelu', remat=False,
+      remat_policy='full',   # with remat: 'save_projections' keeps the dense outputs
       scan=False))
   # Unconditional caption for guidance: 'learned' (null embedding + tokens, ours) or
   # 'empty_prompt' (the empty prompt's CLIP encodings and mask: karlo; converted priors).

@@ -70,3 +70,28 @@ def test_layer_norm_and_activations_backward_passes_match_autodiff():
     np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(act(x) * w))(x),
                                jax.grad(lambda x: jnp.sum(fn(x) * w))(x), atol=1e-5,
                                err_msg=name)
+
+
+def test_remat_policies_compute_the_same_and_keep_less():
+  """Both remat policies give the plain stack's gradients; 'full' keeps least for the backward
+  pass, 'save_projections' (the dense outputs) more, no remat the most."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 32))
+  mask = jnp.array([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
+  plain = Transformer(depth=2, num_heads=4, causal=True)
+  params = nn.unbox(plain.init(jax.random.PRNGKey(1), x, mask))['params']
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x, mask) ** 2)
+
+  def kept(model):
+    vjp = jax.jit(lambda p: jax.vjp(loss(model), p)[1])(params)
+    ids = {id(a) for a in jax.tree.leaves(params)}
+    return sum(a.nbytes for a in jax.tree.leaves(vjp) if hasattr(a, 'nbytes') and id(a) not in ids)
+
+  expected = jax.jit(jax.grad(loss(plain)))(params)
+  sizes = {'none': kept(plain)}
+  for policy in ('full', 'save_projections'):
+    model = Transformer(depth=2, num_heads=4, causal=True, remat=True, remat_policy=policy)
+    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss(model)))(params)),
+                    jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    sizes[policy] = kept(model)
+  assert sizes['full'] < sizes['save_projections'] < sizes['none'], sizes

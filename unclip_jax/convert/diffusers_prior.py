@@ -107,7 +107,7 @@ def prior_model(config: ml_collections.ConfigDict, sizes: dict[str, int],
       num_tokens=sizes['num_tokens'], width=m.width, depth=m.depth, num_heads=m.num_heads,
       mlp_ratio=m.mlp_ratio, activation=m.activation, normalization=p.normalization,
       embedding_scale=p.embedding_scale, null_caption=m.null_caption, remat=m.remat, scan=m.scan,
-      dtype=dtype)
+      remat_policy=m.get('remat_policy', 'full'), dtype=dtype)
 
 
 def _linear(r: Reader, name: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:

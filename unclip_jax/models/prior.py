@@ -54,6 +54,7 @@ class DiffusionPrior(nn.Module):
       `embedding_scale`, default sqrt(D)).
     null_caption: 'learned' (learned null caption for `drop_text`) or 'empty_prompt' (the caller
       passes the empty prompt's encodings as the unconditional caption; see the module doc).
+    remat, remat_policy, scan: the transformer's (`Transformer`).
   """
   embed_dim: int
   text_width: int
@@ -69,6 +70,7 @@ class DiffusionPrior(nn.Module):
   remat: bool = False
   scan: bool = False
   dtype: Dtype = jnp.float32
+  remat_policy: str = 'full'
 
   def setup(self):
     if self.null_caption not in NULL_CAPTIONS:
@@ -97,7 +99,7 @@ class DiffusionPrior(nn.Module):
         jnp.float32)
     self.transformer = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.activation,
                                    causal=True, remat=self.remat, scan=self.scan,
-                                   dtype=self.dtype)
+                                   dtype=self.dtype, remat_policy=self.remat_policy)
     self.ln_out = LayerNorm(jnp.float32)
     self.out_proj = dense(d, ('embed', 'proj'), dtype=jnp.float32)
 

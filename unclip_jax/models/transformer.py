@@ -191,10 +191,21 @@ class _ScannedBlock(ResidualBlock):
     return super().__call__(x, mask), None
 
 
+# What a rematerialised block keeps for its backward pass (`Transformer.remat_policy`); None:
+# only its input.
+REMAT_POLICIES = {
+    'full': None,
+    'save_projections': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nn.Module):
   """A stack of `depth` residual blocks.
 
-  `remat` rematerialises each block in the backward pass (less memory); `scan` runs the blocks
+  `remat` rematerialises each block in the backward pass (less memory): with `remat_policy`
+  'full' everything but the block's input is recomputed, with 'save_projections' the outputs of
+  its dense projections (qkv, attention output, MLP) are kept and only the norms, activations and
+  attention recomputed. `scan` runs the blocks
   with `nn.scan` over parameters stacked on a leading `layers` axis, so compile time does not grow
   with depth (parameters are then `block/...` of shape [depth, ...] instead of `block_i/...`).
   """
@@ -207,20 +218,26 @@ class Transformer(nn.Module):
   scan: bool = False
   dtype: Dtype = jnp.float32
   layer_norm_eps: float = 1e-5
+  remat_policy: str = 'full'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     """[B, T, width] → [B, T, width]; `mask` (optional, bool, broadcastable to [B, H, T, T])."""
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy must be one of {sorted(REMAT_POLICIES)}, got '
+                       f'{self.remat_policy!r}')
+    policy = REMAT_POLICIES[self.remat_policy]
     args = (self.num_heads, self.mlp_ratio, self.activation, self.causal)
     if self.scan:
-      block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+      block = (nn.remat(_ScannedBlock, prevent_cse=False, policy=policy) if self.remat
+               else _ScannedBlock)
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast,), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(*args, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                    name='block')(x, mask)
       return x
-    block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+    block = nn.remat(ResidualBlock, policy=policy) if self.remat else ResidualBlock
     for i in range(self.depth):
       x = block(*args, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
                 name=f'block_{i}')(x, mask)

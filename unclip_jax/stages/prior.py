@@ -53,7 +53,7 @@ def build_model(config, clip_config) -> DiffusionPrior:
                         num_tokens=clip_config.model.text.context_length,
                         width=m.width, depth=m.depth, num_heads=m.num_heads,
                         mlp_ratio=m.mlp_ratio, activation=m.activation, remat=m.remat,
-                        scan=m.scan,
+                        remat_policy=m.get('remat_policy', 'full'), scan=m.scan,
                         normalization=p.normalization, embedding_scale=p.embedding_scale,
                         null_caption=m.get('null_caption', 'learned'),
                         dtype=DTYPES[config.dtype])
