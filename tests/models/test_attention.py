@@ -100,3 +100,26 @@ def test_xla_context_and_cpu_fall_back_to_xla():
   with pytest.raises(ValueError, match="'auto' or 'xla'"):
     with attention.implementation('flash'):
       pass
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_xla_attention_recomputes_the_gradients_autodiff_gives(case):
+  """xla_attention (the path off cuDNN) keeps only q, k, v, the output and the log-sum-exp for
+  its backward pass; its values and gradients are those of the masked softmax formula."""
+  t, s, make_mask, is_causal = CASES[case]
+  q, k, v = _inputs(t, s)
+  mask = make_mask()
+  w = np.random.default_rng(5).normal(size=q.shape).astype(np.float32)
+  out = attention.xla_attention(q, k, v, mask, is_causal)
+  np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
+  ours = jax.grad(lambda *a: jnp.sum(attention.xla_attention(*a, mask, is_causal) * w),
+                  argnums=(0, 1, 2))(q, k, v)
+  plain = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(
+      *a, mask=mask, is_causal=is_causal) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  # What the backward pass keeps: no float [B, H, T, S] tensor (a full mask is an input).
+  vjp = jax.jit(lambda q, k, v: jax.vjp(
+      lambda *a: attention.xla_attention(*a, mask, is_causal), q, k, v)[1])(q, k, v)
+  kept = [x for x in jax.tree.leaves(vjp) if hasattr(x, 'dtype') and x.dtype != bool]
+  assert kept and all(x.ndim < 4 or x.shape[-2:] != (t, s) for x in kept)
