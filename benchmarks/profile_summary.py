@@ -45,10 +45,9 @@ KINDS = ('convolution', 'matmul', 'attention', 'reduction', 'layout', 'elementwi
          'other')
 
 
-def _parse(hlo_text: str) -> tuple[dict, dict]:
-  """{computation: [(name, opcode, called computations, custom-call target)]}, and
-  {instruction name: its computation's name}."""
-  computations, where, current = collections.defaultdict(list), {}, None
+def _parse(hlo_text: str) -> dict:
+  """{computation: [(name, opcode, called computations, custom-call target)]}."""
+  computations, current = collections.defaultdict(list), None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header and '=' not in line.split('(')[0]:
@@ -62,8 +61,7 @@ def _parse(hlo_text: str) -> tuple[dict, dict]:
     target = _TARGET.search(rest)
     computations[current].append((name, opcode.group(1) if opcode else '', _CALLS.findall(rest),
                                   target.group(1) if target else ''))
-    where[name] = current
-  return computations, where
+  return computations
 
 
 def op_shapes(hlo_text: str) -> dict[str, str]:
@@ -81,7 +79,7 @@ def op_shapes(hlo_text: str) -> dict[str, str]:
 def op_kinds(hlo_text: str) -> dict[str, Optional[str]]:
   """{HLO instruction name: kind (one of KINDS), or None for control flow whose body ops are
   traced themselves} for every instruction of an optimised HLO module's text."""
-  computations, _ = _parse(hlo_text)
+  computations = _parse(hlo_text)
 
   def contents(comp: str, seen: set) -> tuple[set, set]:
     opcodes, targets = set(), set()

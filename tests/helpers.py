@@ -295,3 +295,12 @@ def perturb_torch(model, seed: int, scale: float):
     for p in model.parameters():
       p.add_(scale * torch.randn(p.shape, generator=gen))
   return model.eval()
+
+
+def backward_residual_bytes(loss, params) -> int:
+  """Bytes that the jitted forward pass of `loss(params)` keeps for its backward pass, the
+  parameters themselves aside."""
+  import jax  # pylint: disable=g-import-not-at-top
+  vjp = jax.jit(lambda p: jax.vjp(loss, p)[1])(params)
+  kept = {id(a) for a in jax.tree.leaves(params)}
+  return sum(a.nbytes for a in jax.tree.leaves(vjp) if hasattr(a, 'nbytes') and id(a) not in kept)

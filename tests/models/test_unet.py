@@ -273,10 +273,8 @@ def test_remat_and_dropout_match_the_plain_model(policy):
 
 def _residual_bytes(model, params, x, t, enc):
   """Bytes the jitted forward pass keeps for the backward one (parameters aside)."""
-  f = lambda p: jnp.sum(model.apply({'params': p}, x, t, encoder_states=enc) ** 2)
-  vjp = jax.jit(lambda p: jax.vjp(f, p)[1])(params)
-  kept = {id(a) for a in jax.tree.leaves(params)}
-  return sum(a.nbytes for a in jax.tree.leaves(vjp) if hasattr(a, 'nbytes') and id(a) not in kept)
+  return helpers.backward_residual_bytes(
+      lambda p: jnp.sum(model.apply({'params': p}, x, t, encoder_states=enc) ** 2), params)
 
 
 def test_remat_policies_keep_less_for_the_backward_pass():

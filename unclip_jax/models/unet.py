@@ -121,31 +121,14 @@ def _constrain(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ('batch', None, None, 'act_embed'))
 
 
-def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
-  """Each channel's group mean and 1/std, [B, 1.., C] float32, of x [B, ..., C] float32.
+def _group_mean(y: jax.Array, num_groups: int) -> jax.Array:
+  """Each channel's mean of y [B, ..., C] over its group (spatial axes and the group's channels),
+  [B, 1.., C].
 
   Sums over the spatial axes first (channels stay the contiguous minor axis), then over each
   group's channels: XLA:CPU reduces this layout 5-6x faster (forward and backward) than a
   reduction over [..., groups, channels per group], which it strides through.
   """
-  b, c = x.shape[0], x.shape[-1]
-  per_group = c // num_groups
-  spatial = tuple(range(1, x.ndim - 1))
-  count = per_group * int(np.prod(x.shape[1:-1]))
-  stat_shape = (b,) + (1,) * len(spatial) + (c,)
-
-  def group_mean(per_channel_sums):   # [B, C] sums → each channel its group's mean [B,1..,C]
-    groups = per_channel_sums.reshape(b, num_groups, per_group).sum(-1) / count
-    return jnp.repeat(groups, per_group, axis=-1).reshape(stat_shape)
-
-  mean = group_mean(x.sum(spatial))
-  var = group_mean(jnp.square(x - mean).sum(spatial))
-  return mean, jax.lax.rsqrt(var + epsilon)
-
-
-def _group_mean(y: jax.Array, num_groups: int) -> jax.Array:
-  """Each channel's mean of y [B, ..., C] over its group (spatial axes and the group's channels),
-  [B, 1.., C]."""
   b, c = y.shape[0], y.shape[-1]
   per_group = c // num_groups
   sums = y.sum(tuple(range(1, y.ndim - 1))).reshape(b, num_groups, per_group).sum(-1)
@@ -178,7 +161,8 @@ def group_norm(x: jax.Array, a: jax.Array, b: jax.Array, num_groups: int, epsilo
 
 def _group_norm_fwd(x, a, b, num_groups, epsilon, silu):
   xf = x.astype(jnp.float32)
-  mean, rstd = _group_stats(xf, num_groups, epsilon)
+  mean = _group_mean(xf, num_groups)
+  rstd = jax.lax.rsqrt(_group_mean(jnp.square(xf - mean), num_groups) + epsilon)
   z = (xf - mean) * rstd * a + b
   return (z * jax.nn.sigmoid(z) if silu else z), (x, a, b, mean, rstd)
 
@@ -189,8 +173,9 @@ def _group_norm_bwd(num_groups, epsilon, silu, residuals, g):
   xhat = (x.astype(jnp.float32) - mean) * rstd
   dz = g.astype(jnp.float32)
   if silu:
-    sig = jax.nn.sigmoid(xhat * a + b)
-    dz = dz * sig * (1 + (xhat * a + b) * (1 - sig))
+    z = xhat * a + b
+    sig = jax.nn.sigmoid(z)
+    dz = dz * sig * (1 + z * (1 - sig))
   da = _sum_to(dz * xhat, a.shape).astype(a.dtype)
   db = _sum_to(dz, b.shape).astype(b.dtype)
   dxhat = dz * a
