@@ -1,10 +1,10 @@
-r"""Masked attention at our models' shapes: cuDNN's flash kernel against XLA's, checked and timed.
+r"""Attention at our models' shapes: cuDNN's flash kernel against XLA's, checked and timed.
 
-  python benchmarks/attention.py                 # one GPU: karlo's decoder and prior shapes
+  python benchmarks/attention.py                 # one GPU: karlo's decoder and prior, CLIP
   python benchmarks/attention.py --cpu_smoke     # small shapes, XLA only (no cuDNN on a CPU)
 
 For each case, forward + backward of sum(out²) in bfloat16 through `unclip_jax.models.attention`
-with XLA's kernel and with cuDNN's, which takes the mask as a bias over even-padded lengths
+with XLA's kernel and with cuDNN's, which takes lengths padded to even and the mask as a bias
 (without a GPU, those same operands go through XLA's kernel: `cudnn_path` says which). JSON per
 case: milliseconds per call, the cuDNN/XLA speedup on GPU, and the largest difference of outputs
 and gradients between the two (relative to the largest XLA value); a case cuDNN refuses records
@@ -31,16 +31,21 @@ FLAGS = flags.FLAGS
 
 # (batch, queries, keys, heads, head size, causal, masked key positions): karlo's decoder at
 # batch 64 (64 px; attention at 32, 16, 8 px over the image and 77 caption + 4 CLIP tokens, 64
-# channels per head) and prior at batch 256 (77 caption tokens + 4, width 2048 in 32 heads).
+# channels per head) and prior at batch 256 (77 caption tokens + 4, width 2048 in 32 heads);
+# CLIP ViT-B/16 at batch 512 (196 patches + 1 class token; 77 text tokens, causal), unmasked.
 KARLO = {
     'decoder_32px': (64, 1024, 1024 + 81, 10, 64, False, 'caption'),
     'decoder_16px': (64, 256, 256 + 81, 15, 64, False, 'caption'),
     'decoder_8px': (64, 64, 64 + 81, 20, 64, False, 'caption'),
     'prior': (256, 81, 81, 32, 64, True, 'caption'),
+    'clip_vit_b16_image': (512, 197, 197, 12, 64, False, None),
+    'clip_vit_b16_text': (512, 77, 77, 8, 64, True, None),
 }
 SMOKE = {
     'decoder_8px': (2, 16, 16 + 9, 2, 16, False, 'caption'),
     'prior': (2, 9, 9, 2, 16, True, 'caption'),
+    'clip_image': (2, 17, 17, 2, 16, False, None),
+    'clip_text': (2, 9, 9, 2, 16, True, None),
 }
 
 
@@ -50,8 +55,9 @@ def define_flags():
 
 
 def case_inputs(b, t, s, h, d, masked, seed=0):
-  """q [b, t, h, d], k, v [b, s, h, d] in bfloat16 and a key mask [b, 1, 1, s] hiding the padded
-  part of a 77-token caption (its first 77 keys; a different length per row)."""
+  """q [b, t, h, d], k, v [b, s, h, d] in bfloat16 and, where `masked` is 'caption', a key mask
+  [b, 1, 1, s] hiding the padded part of a 77-token caption (its first 77 keys; a different
+  length per row)."""
   rng = np.random.default_rng(seed)
   q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.bfloat16)
   k, v = (jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.bfloat16) for _ in range(2))

@@ -108,6 +108,7 @@ for path in sorted(glob.glob(os.path.join(out, '*.json'))):
                      'mfu': r['ours'].get('mfu'),
                      'ours_peak_memory_gb': r['ours'].get('peak_memory_gb'),
                      'peer_peak_memory_gb': r.get('peer', {}).get('peak_memory_gb'),
+                     'attention': r['ours'].get('attention'),
                      'time_share_by_kind': {k: v['share'] for k, v in
                                             r['ours'].get('profile', {}).get('by_kind', {}).items()}}
   elif 'cases' in r:   # attention: cuDNN against XLA per shape

@@ -65,8 +65,10 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from unclip_jax import config_lib, stages, train  # pylint: disable=g-import-not-at-top
+  from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, jax.device_count(), jax.process_count())
+  routes = attention.routes()
   stage = stages.get_stage(config, **({'clip': clip} if clip is not None else {}))
   mesh = train.make_mesh(config)
   tx = train.make_optimizer(config)
@@ -89,6 +91,7 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
     constants = train.stage_constants(stage, mesh)
     compiled = step_fn.lower(state, batch, constants).compile()
     compile_s = time.perf_counter() - t0
+    routes = attention.routes_since(routes)
     total_flops = train.compiled_flops(compiled)
     memory = compiled_memory_gb(compiled)
     if config.model.get('scan'):
@@ -115,6 +118,7 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
       'flops_per_step': total_flops, 'tflops_per_s': total_flops / step_s / 1e12,
       'tflops_per_s_per_device': total_flops / step_s / 1e12 / len(devices),
       'final_loss': float(metrics['loss']),
+      'attention': routes,
   }
   peak = PEAK_FLOPS.get(devices[0].device_kind)
   if peak:

@@ -13,9 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.cache
-def _load_benchmark():
+def _load_benchmark(name: str = 'train_step'):
   spec = importlib.util.spec_from_file_location(
-      'train_step_benchmark', os.path.join(REPO, 'benchmarks', 'train_step.py'))
+      f'{name}_benchmark', os.path.join(REPO, 'benchmarks', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -36,6 +36,10 @@ def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip
   assert ours['samples_per_s'] == pytest.approx(config.batch_size / ours['step_time_s'])
   # XLA's memory estimate holds at least the parameters and AdamW's two moments (float32).
   assert ours['xla_memory_estimate_gb'] * 1e9 > 3 * 4 * ours['params']
+  # Where the step's attentions went: XLA's on a CPU, every layer's (both towers').
+  layers = config.model.text.depth + config.model.vision.depth
+  assert ours['attention']['cudnn'] == 0 and ours['attention']['cudnn_refused'] == {}
+  assert ours['attention']['xla'] >= layers, ours['attention']
   pytest.importorskip('transformers')
   peer = bench.measure_transformers_clip(config, steps=1, warmup=1, compile_model=False)
   # The peer is the same architecture at the same sizes: identical parameter counts.
@@ -79,10 +83,7 @@ def test_profile_summary_reads_each_op_kind_from_a_trace(tmp_path):
 def test_attention_benchmark_checks_the_cudnn_operands():
   """benchmarks/attention.py --cpu_smoke: cuDNN's operands (mask as bias, even lengths) through
   XLA's kernel give XLA's masked attention, outputs and gradients."""
-  spec = importlib.util.spec_from_file_location(
-      'attention_benchmark', os.path.join(REPO, 'benchmarks', 'attention.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load_benchmark('attention')
   for name, shape in module.SMOKE.items():
     result = module.run_case(shape, repeats=1, on_gpu=False)
     assert result['cudnn_path'] == 'cudnn_operands_on_xla', name
@@ -93,10 +94,7 @@ def test_attention_benchmark_checks_the_cudnn_operands():
 
 def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
   """benchmarks/compile_preset.py on the tiny upsampler over a 2x4 (data, fsdp) mesh."""
-  spec = importlib.util.spec_from_file_location(
-      'compile_preset', os.path.join(REPO, 'benchmarks', 'compile_preset.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load_benchmark('compile_preset')
   from tests import helpers  # pylint: disable=g-import-not-at-top
   config = helpers.tiny_upsampler_config(data_dir)
   config.model.unet.update(channel_mult=(1,), model_channels=16, norm_groups=8)  # compiles fast
@@ -105,6 +103,35 @@ def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
   assert result['mesh_shape'] == [2, 4, 1] and result['num_devices'] == 8
   assert result['params'] > 10_000 and result['flops_per_step'] > 0
   assert result['compile_s'] > 0
+
+
+def test_every_attention_reaches_cudnn_in_steps_lowered_for_gpus():
+  """compile_preset.py --platform=cuda, from this CPU, JAX's cuDNN checks answering as an H100:
+  every attention of each stage's bfloat16 step goes to cuDNN: CLIP's (odd token counts: 17
+  image tokens, causal text), the prior's (causal over padded caption tokens) and the decoder's
+  (masked caption keys), and the frozen CLIP's in both. A head size cuDNN refuses is reported
+  with cuDNN's reason."""
+  module = _load_benchmark('compile_preset')
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  clip = config_lib.preset('clip', 'tiny')
+  clip.batch_size = 8
+  assert (clip.model.vision.image_size // clip.model.vision.patch_size) ** 2 % 2 == 0  # +1: odd
+  routes = module.lower_for('cuda', clip)['attention']
+  # Each of the 7 layers' attention, traced as often as the step traces the towers.
+  assert routes['cudnn'] >= 7 and routes['cudnn'] % 7 == 0, routes
+  assert routes['xla'] == 0 and routes['cudnn_refused'] == {}, routes
+  for stage in ('prior', 'decoder'):
+    result = module.lower_for('cuda', _smoke_config(stage))
+    assert result['dtype'] == 'bfloat16'
+    routes = result['attention']
+    assert routes['cudnn'] >= 3 and routes['xla'] == 0 and routes['cudnn_refused'] == {}, result
+
+  clip.model.text.update(width=48, num_heads=4)           # head size 12: not a multiple of 8
+  routes = module.lower_for('cuda', clip)['attention']
+  text, vision = clip.model.text.depth, clip.model.vision.depth
+  assert routes['cudnn'] * text == routes['xla'] * vision > 0, routes   # the text tower's: XLA
+  (reason, count), = routes['cudnn_refused'].items()
+  assert 'head dim' in reason and count == routes['xla'], routes
 
 
 # The smallest karlo-shaped stages (the sizes benchmarks/gpu_suite.sh --cpu-smoke uses).

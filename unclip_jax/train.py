@@ -9,7 +9,7 @@ evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stag
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -276,10 +276,11 @@ def compile_train_step(stage, config, mesh, tx, state_sharding):
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
-def lower_train_step(stage, config, mesh):
+def lower_train_step(stage, config, mesh, platforms: Optional[Sequence[str]] = None):
   """Lowers the train step on abstract inputs only (no parameter is allocated).
 
   For checking that a (large) preset builds and compiles: `lower_train_step(...).compile()`.
+  `platforms` (e.g. ('cuda',)) lowers for other backends than this host's, to inspect, not run.
   """
   rules = logical_rules(config)
   tx = make_optimizer(config)
@@ -295,6 +296,8 @@ def lower_train_step(stage, config, mesh):
     constants = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=replicated),
                              stage.constants() if hasattr(stage, 'constants') else {})
     step = compile_train_step(stage, config, mesh, tx, shardings)
+    if platforms:
+      return step.trace(state, batch, constants).lower(lowering_platforms=tuple(platforms))
     return step.lower(state, batch, constants)
 
 

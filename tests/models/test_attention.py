@@ -36,7 +36,8 @@ def _inputs(t, s, seed=0):
 
 # The models' masks: the decoder's encoder-key padding ([B, 1, 1, S], odd lengths), the prior's
 # causal self-attention over padded caption tokens, a full [B, H, T, S] mask, one shared by the
-# batch, and no mask.
+# batch, and no mask: CLIP's text (causal, 77 tokens) and image tower (197 tokens), odd lengths
+# that cuDNN takes only padded.
 CASES = {
     'key_padding_odd': (7, 9, lambda: np.arange(9)[None, None, None, :] < np.array(
         [5, 9])[:, None, None, None], False),
@@ -45,6 +46,8 @@ CASES = {
     'full': (6, 5, lambda: np.random.default_rng(1).random((2, 3, 6, 5)) > 0.3, False),
     'shared': (5, 6, lambda: np.random.default_rng(2).random((6,)) > 0.4, False),
     'none': (5, 7, lambda: None, False),
+    'none_causal_odd': (7, 7, lambda: None, True),
+    'none_odd_queries': (7, 6, lambda: None, False),
 }
 
 
@@ -53,28 +56,38 @@ def test_cudnn_operands_give_the_masked_attention(case):
   t, s, make_mask, is_causal = CASES[case]
   q, k, v = _inputs(t, s)
   mask = make_mask()
-  pq, pk, pv, bias, length = attention.cudnn_operands(jnp.asarray(q), k, v, mask)
+  pq, pk, pv, bias, key_lengths, length = attention.cudnn_operands(jnp.asarray(q), k, v, mask)
   assert length == t
+  assert pq.shape[1] % 2 == 0 and pk.shape[1] % 2 == 0 and pk.shape == pv.shape
   if mask is not None:
-    assert pq.shape[1] % 2 == 0 and pk.shape[1] % 2 == 0 and pk.shape == pv.shape
     assert bias.shape[2:] == (pq.shape[1], pk.shape[1]) and bias.dtype == jnp.float32
+    assert key_lengths is None
+  else:   # no bias: a padded key is hidden by the lengths, cuDNN's padding mask
+    assert bias is None
+    if s % 2:
+      np.testing.assert_array_equal(key_lengths, [s, s])
+    else:
+      assert key_lengths is None
   out = attention.cudnn_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='xla')
   assert out.shape == q.shape
   np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
 
 
-def test_cudnn_operands_keep_the_gradients():
-  q, k, v = _inputs(7, 9)
-  mask = CASES['key_padding_odd'][2]()
+@pytest.mark.parametrize('case', ['key_padding_odd', 'none', 'none_causal_odd'])
+def test_cudnn_operands_keep_the_gradients(case):
+  t, s, make_mask, is_causal = CASES[case]
+  q, k, v = _inputs(t, s)
+  mask = make_mask()
   loss = lambda impl: lambda q, k, v: jnp.sum(impl(q, k, v) ** 2)
   padded = jax.grad(loss(lambda q, k, v: attention.cudnn_attention(
-      q, k, v, mask=mask, implementation='xla')), argnums=(0, 1, 2))(q, k, v)
-  plain = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)),
-                   argnums=(0, 1, 2))(q, k, v)
+      q, k, v, mask=mask, is_causal=is_causal, implementation='xla')), argnums=(0, 1, 2))(q, k, v)
+  plain = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=is_causal)), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(padded, plain):
+    assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=1e-5)
-  # Masked keys get no gradient.
-  assert np.all(np.asarray(padded[1])[0, 5:] == 0)
+  if mask is not None:   # masked keys get no gradient
+    assert np.all(np.asarray(padded[1])[0, 5:] == 0)
 
 
 def test_bfloat16_bias_masks_out_keys():

@@ -1,14 +1,17 @@
 """The one attention helper every model calls.
 
 It wraps `jax.nn.dot_product_attention`. On GPU, in bfloat16/float16, it takes cuDNN's flash
-kernel, masks included: a boolean mask becomes an additive bias (0 where attended, a large
-negative number elsewhere), and queries and keys are padded to even lengths, which cuDNN needs for
-a bias in training (the padded keys are masked out and the padded queries' outputs dropped, so the
-result is the same function). Where cuDNN refuses the shapes (head size, sequence lengths), and on
-other backends and dtypes, `xla_attention` runs: XLA ops whose backward pass recomputes the
-probabilities instead of keeping them. `implementation('xla')` forces it.
+kernel, masks included: queries and keys are padded to even lengths, which cuDNN needs in
+training (JAX checks it for every call, masked or not: CLIP's 77 and 197 tokens would otherwise
+fall back), a boolean mask becomes an additive bias (0 where attended, a large negative number
+elsewhere), and padded keys are masked out (by the bias, or by cuDNN's padding mask where there is
+no bias) and the padded queries' outputs dropped, so the result is the same function. Where
+cuDNN refuses the shapes (head size), and on other backends and dtypes, `xla_attention` runs: XLA
+ops whose backward pass recomputes the probabilities instead of keeping them.
+`implementation('xla')` forces it.
 """
 
+import collections
 import contextlib
 import functools
 import threading
@@ -50,11 +53,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     [B, T, H, D] in the dtype of `q`. Logits and softmax are computed in float32.
   """
   if (getattr(_local, 'name', 'auto') == 'auto' and q.dtype in (jnp.bfloat16, jnp.float16)
-      and jax.default_backend() == 'gpu'):
+      and _on_gpu()):
     try:
-      return cudnn_attention(q, k, v, mask=mask, is_causal=is_causal)
+      out = cudnn_attention(q, k, v, mask=mask, is_causal=is_causal)
+      _routes['cudnn'] += 1
+      return out
     except (NotImplementedError, ValueError, RuntimeError) as e:  # cuDNN refused: XLA's below
       _log_fallback(str(e))
+  _routes['xla'] += 1
   return xla_attention(q, k, v, mask, is_causal)
 
 
@@ -118,35 +124,46 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 def cudnn_attention(q, k, v, *, mask=None, is_causal=False, implementation='cudnn'):
   """`jax.nn.dot_product_attention` through cuDNN (`implementation`; 'xla' computes the same
-  operands with XLA, to test them): the mask as a bias, lengths padded to even."""
-  q, k, v, bias, t = cudnn_operands(q, k, v, mask)
+  operands with XLA, to test them): lengths padded to even, the mask as a bias."""
+  q, k, v, bias, key_lengths, t = cudnn_operands(q, k, v, mask)
+  lengths = {}
+  if key_lengths is not None:
+    lengths = dict(query_seq_lengths=jnp.full(q.shape[:1], q.shape[1], jnp.int32),
+                   key_value_seq_lengths=key_lengths)
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
-                                     implementation=implementation)
+                                     implementation=implementation, **lengths)
   return out[:, :t]
 
 
 def cudnn_operands(q, k, v, mask):
-  """(q, k, v, bias, T): a boolean `mask` (broadcastable to [B, H, T, S]) as an additive bias
-  [B|1, H|1, T', S'] in q's dtype, with q padded to an even T' and k, v to an even S' (padded keys
-  masked, padded queries attending to the first key); bias None and nothing padded without a mask.
-  T is the queries' length before padding."""
-  t = q.shape[1]
-  if mask is None:
-    return q, k, v, None, t
-  s = k.shape[1]
+  """(q, k, v, bias, key_lengths, T) for cuDNN's kernel, which in training takes only even
+  sequence lengths: q padded to an even T', k and v to an even S'.
+
+  With a boolean `mask` (broadcastable to [B, H, T, S]) the bias is that mask as an additive
+  [B|1, H|1, T', S'] bias in q's dtype, padded keys masked and padded queries attending to the
+  first key. Without one, bias is None and a padded key is hidden by `key_lengths` ([B] int32,
+  the real S: cuDNN's padding mask, which needs no bias tensor), None where S was even. T is the
+  queries' length before padding; the padded queries' outputs are to be dropped.
+  """
+  t, s = q.shape[1], k.shape[1]
   pad_t, pad_s = t % 2, s % 2
+  if pad_t:
+    q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+  if pad_s:
+    k = jnp.pad(k, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+  if mask is None:
+    key_lengths = jnp.full(q.shape[:1], s, jnp.int32) if pad_s else None
+    return q, k, v, None, key_lengths, t
   mask = jnp.asarray(mask, bool)
   mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, s))
   if pad_t or pad_s:
-    q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
-    k = jnp.pad(k, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
     if pad_t:   # a padded query attends to the first key (its output is dropped)
       mask = mask.at[:, :, t:, 0].set(True)
   bias = jnp.where(mask, jnp.asarray(0, q.dtype), _large_negative(q.dtype))
-  return q, k, v, bias, t
+  return q, k, v, bias, None, t
 
 
 def _large_negative(dtype) -> jax.Array:
@@ -157,10 +174,31 @@ def _large_negative(dtype) -> jax.Array:
   return jnp.asarray(-2**40, dtype)
 
 
-_fallbacks: set = set()
+def _on_gpu() -> bool:
+  return jax.default_backend() == 'gpu'
+
+
+_routes: collections.Counter = collections.Counter()
+_fallbacks: collections.Counter = collections.Counter()
+
+
+def routes() -> dict:
+  """The attentions traced in this process so far: how many took cuDNN's kernel ('cudnn') and
+  XLA's ('xla'), and why cuDNN refused those it did ('cudnn_refused': reason → attentions), so a
+  benchmark can report where a step's attentions go. These count traces: a scanned stack of
+  layers counts once, a model traced several times (initialisation, two passes) each time."""
+  return {'cudnn': _routes['cudnn'], 'xla': _routes['xla'], 'cudnn_refused': dict(_fallbacks)}
+
+
+def routes_since(before: dict) -> dict:
+  """`routes()` less an earlier `routes()`: the attentions traced in between."""
+  now = routes()
+  refused = {k: n - before['cudnn_refused'].get(k, 0) for k, n in now['cudnn_refused'].items()}
+  return {'cudnn': now['cudnn'] - before['cudnn'], 'xla': now['xla'] - before['xla'],
+          'cudnn_refused': {k: n for k, n in refused.items() if n}}
 
 
 def _log_fallback(reason: str) -> None:
   if reason not in _fallbacks:
-    _fallbacks.add(reason)
     logging.info('cuDNN attention does not apply here (%s): XLA attention instead', reason)
+  _fallbacks[reason] += 1
