@@ -68,7 +68,6 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
   from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  routes = attention.routes()
   stage = stages.get_stage(config, **({'clip': clip} if clip is not None else {}))
   mesh = train.make_mesh(config)
   tx = train.make_optimizer(config)
@@ -87,6 +86,7 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
     state, shardings = train.create_train_state(stage, config, mesh, tx)
     batch = train.make_global_batch(host_batch, mesh, list(spec))
     step_fn = train.compile_train_step(stage, config, mesh, tx, shardings)
+    routes = attention.routes()
     t0 = time.perf_counter()
     constants = train.stage_constants(stage, mesh)
     compiled = step_fn.lower(state, batch, constants).compile()

@@ -126,6 +126,10 @@ def test_every_attention_reaches_cudnn_in_steps_lowered_for_gpus():
     routes = result['attention']
     assert routes['cudnn'] >= 3 and routes['xla'] == 0 and routes['cudnn_refused'] == {}, result
 
+  clip.attention = 'xla'                                  # the config's switch: XLA's only
+  routes = module.lower_for('cuda', clip)['attention']
+  assert routes['cudnn'] == 0 and routes['xla'] >= 7, routes
+  clip.attention = 'auto'
   clip.model.text.update(width=48, num_heads=4)           # head size 12: not a multiple of 8
   routes = module.lower_for('cuda', clip)['attention']
   text, vision = clip.model.text.depth, clip.model.vision.depth

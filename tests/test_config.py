@@ -45,6 +45,7 @@ def test_unknown_preset():
     ('mesh.shape', (2, 2), r'config.mesh.shape: .* must have 3 entries'),
     ('mesh.rules', (('batch', 'pipeline'),), r'config.mesh.rules'),
     ('dtype', 'float8', r'config.dtype'),
+    ('attention', 'flash', r"config.attention: 'flash' is not 'auto' or 'xla'"),
     ('optim.lr', -1.0, r'config.optim.lr: must be positive'),
     ('optim.accum_steps', 3, r'config.optim.accum_steps'),
     ('ema.decay', 1.0, r'config.ema.decay'),

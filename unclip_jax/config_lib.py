@@ -89,6 +89,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.stage = ''
   c.seed = 0
   c.dtype = 'float32'            # compute dtype; params are always float32
+  c.attention = 'auto'           # 'auto': cuDNN's flash attention on GPUs (bf16/fp16) where it
+                                 # applies, else XLA's; 'xla': XLA's everywhere
   c.batch_size = 128             # global batch, over all processes and devices
   c.num_train_steps = 1000
 
@@ -251,6 +253,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   """Checks the trainer's fields against each other and the devices; raises ConfigError."""
   if config.dtype not in DTYPES:
     _fail('dtype', f'{config.dtype!r} is not one of {DTYPES}')
+  if config.get('attention', 'auto') not in ('auto', 'xla'):
+    _fail('attention', f"{config.attention!r} is not 'auto' or 'xla'")
   for field in ('batch_size', 'num_train_steps'):
     if int(config[field]) <= 0:
       _fail(field, f'must be positive, got {config[field]}')

@@ -7,6 +7,7 @@ evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stag
 """
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -26,6 +27,7 @@ from unclip_jax import preemption
 from unclip_jax import stages
 from unclip_jax import workdir as workdir_lib
 from unclip_jax.images import image_grid
+from unclip_jax.models import attention
 
 PyTree = Any
 
@@ -209,6 +211,7 @@ def make_train_step(stage, config, tx) -> Callable:
   """(state, batch, constants) → (state, metrics). Pure; the caller jits it with shardings.
 
   `constants` are the stage's fixed inputs (e.g. a frozen CLIP's params), passed to its loss.
+  Its models trace with `config.attention`'s attention implementation.
   """
   accum = config.optim.accum_steps
   schedule = learning_rate_schedule(config)
@@ -263,7 +266,18 @@ def make_train_step(stage, config, tx) -> Callable:
                    nonfinite_steps=new_state.nonfinite_steps)
     return new_state, metrics
 
-  return train_step
+  return with_attention(config, train_step)
+
+
+def with_attention(config, fn: Callable) -> Callable:
+  """`fn`, tracing its models with `config.attention` ('auto' or 'xla')."""
+  name = config.get('attention', 'auto')
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with attention.implementation(name):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def compile_train_step(stage, config, mesh, tx, state_sharding):
@@ -284,7 +298,8 @@ def lower_train_step(stage, config, mesh, platforms: Optional[Sequence[str]] = N
   """
   rules = logical_rules(config)
   tx = make_optimizer(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), \
+       attention.implementation(config.get('attention', 'auto')):
     init_fn = _init_state_fn(stage, tx, stage.batch_spec(config.batch_size), config.seed)
     abstract, shardings = state_shardings(init_fn, mesh, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -608,7 +623,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stage
   rules = logical_rules(config)
   tx = make_optimizer(config)
   workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
-  with workdir_lib.locked(workdir), preemption.handle_signals():
+  with workdir_lib.locked(workdir), preemption.handle_signals(), \
+       attention.implementation(config.get('attention', 'auto')):
     return _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx)
 
 
