@@ -82,16 +82,19 @@ def measure_ours(run: str, batch_sizes, dtypes, repeats: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from unclip_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
   out = {}
   for dtype in dtypes:
     pipe = pipeline_lib.UnclipPipeline.from_run(run, dtype=dtype)
     for b in batch_sizes:
       prompts = _prompts(b)
+      routes = attention.routes()
 
       def call():
         generation = pipe.text_to_image(prompts, seed=0, truncate=True)
         return np.asarray(jax.block_until_ready(generation.images))
       result = _timed(call, repeats)
+      result['attention'] = attention.routes_since(routes)   # where the chain's attentions went
       generation = pipe.text_to_image(prompts, seed=0, truncate=True)
       result['stage_seconds'] = {k: round(v, 4) for k, v in generation.seconds.items()}
       result['image_shape'] = list(np.asarray(generation.images).shape)

@@ -85,13 +85,15 @@ def measure_jax(config, steps: int, warmup: int, clip=None, profile_steps: int =
   with jax.set_mesh(mesh), nn.logical_axis_rules(train.logical_rules(config)):
     state, shardings = train.create_train_state(stage, config, mesh, tx)
     batch = train.make_global_batch(host_batch, mesh, list(spec))
-    step_fn = train.compile_train_step(stage, config, mesh, tx, shardings)
     routes = attention.routes()
     t0 = time.perf_counter()
     constants = train.stage_constants(stage, mesh)
-    compiled = step_fn.lower(state, batch, constants).compile()
+    with attention.implementation(config.get('attention', 'auto')):
+      compiled = train.compile_train_step_for(stage, config, mesh, tx, shardings,
+                                              (state, batch, constants))
+      fell_back = attention.current() != config.get('attention', 'auto')
     compile_s = time.perf_counter() - t0
-    routes = attention.routes_since(routes)
+    routes = dict(attention.routes_since(routes), fell_back_to_xla=fell_back)
     total_flops = train.compiled_flops(compiled)
     memory = compiled_memory_gb(compiled)
     if config.model.get('scan'):

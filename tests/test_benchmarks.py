@@ -39,6 +39,7 @@ def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip
   # Where the step's attentions went: XLA's on a CPU, every layer's (both towers').
   layers = config.model.text.depth + config.model.vision.depth
   assert ours['attention']['cudnn'] == 0 and ours['attention']['cudnn_refused'] == {}
+  assert ours['attention']['fell_back_to_xla'] is False
   assert ours['attention']['xla'] >= layers, ours['attention']
   pytest.importorskip('transformers')
   peer = bench.measure_transformers_clip(config, steps=1, warmup=1, compile_model=False)
@@ -214,14 +215,13 @@ def test_sampling_benchmark_converts_and_times_both_chains(tmp_path):
   """benchmarks/sampling.py on the smallest karlo-shaped UnCLIPPipeline: converted by our
   command, both chains draw images of the same shape for the same prompts."""
   pytest.importorskip('diffusers')
-  spec = importlib.util.spec_from_file_location(
-      'sampling_benchmark', os.path.join(REPO, 'benchmarks', 'sampling.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _load_benchmark('sampling')
   report = module.run('smoke', [2], ['float32'], repeats=1, peer=True, workdir=str(tmp_path))
   ours, peer = report['ours']['2']['float32'], report['peer']['2']
   assert ours['image_shape'] == peer['image_shape'] == [2, 32, 32, 3]
   assert set(ours['stage_seconds']) == {'prior', 'decoder', 'upsampler_0'}
+  # The chain's attentions (CLIP, prior, decoder) went to XLA's on a CPU.
+  assert ours['attention']['xla'] > 0 and ours['attention']['cudnn'] == 0, ours['attention']
   assert report['speedup_vs_peer']['2'] == pytest.approx(peer['seconds'] / ours['seconds'])
   assert os.path.isfile(tmp_path / 'converted' / 'decoder' / 'export' / 'config.json')
 

@@ -232,3 +232,45 @@ def test_failing_evaluation_keeps_checkpoint_and_export_and_init_from_starts_the
   with pytest.raises(ValueError, match=r"config.init_from: \['bias'\] has shape \(1,\) in "
                                        r".* but \(2,\) in this model"):
     train.train_and_evaluate(tuned, str(tmp_path / 'third'), stage=wider)
+
+
+def test_a_step_whose_cudnn_attention_does_not_compile_falls_back_to_xla(make_tiny_clip_config,
+                                                                         caplog):
+  """Where cuDNN's attention does not compile (a cuDNN without engines for the shapes), the
+  trainer compiles the step with XLA's attention, says so, and later traces use XLA's too. The
+  CPU stands in for such a GPU: the attention helper takes its GPU path (JAX's cuDNN checks
+  answering as an H100's), whose kernels this platform lacks."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'compile_preset', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 'benchmarks', 'compile_preset.py'))
+  compile_preset = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compile_preset)
+
+  config = make_tiny_clip_config()
+  config.dtype = 'bfloat16'
+  stage = stages.get_stage(config)
+  mesh = _mesh((1, 1, 1), 1)
+  batch = _batches(stage, config, 1)[0]
+  tx = train.make_optimizer(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(train.logical_rules(config)):
+    state, shardings = train.create_train_state(stage, config, mesh, tx)
+    args = (state, train.make_global_batch(batch, mesh), train.stage_constants(stage, mesh))
+    plain = train.compile_train_step(stage, config, mesh, tx, shardings)
+    _, expected = plain(jax.tree.map(jnp.copy, state), *args[1:])
+    with attention.implementation('auto'), compile_preset.as_on_a_gpu():
+      before = attention.routes()
+      with pytest.raises(NotImplementedError, match='dot_product_attention'):
+        train.compile_train_step(stage, config, mesh, tx, shardings).lower(*args).compile()
+      compiled = train.compile_train_step_for(stage, config, mesh, tx, shardings, args)
+      routes = attention.routes_since(before)
+      before = attention.routes()
+      q = jax.ShapeDtypeStruct((2, 8, 2, 16), jnp.bfloat16)
+      jax.eval_shape(lambda q: attention.dot_product_attention(q, q, q), q)
+      later = attention.routes_since(before)
+    _, metrics = compiled(*args)
+  assert "cuDNN attention did not compile (MLIR translation rule" in caplog.text
+  assert routes['cudnn'] > 0 and routes['xla'] > 0, routes     # cuDNN tried, then XLA's
+  assert later == {'cudnn': 0, 'xla': 1, 'cudnn_refused': {}}  # and later traces take XLA's
+  np.testing.assert_allclose(float(metrics['loss']), float(expected['loss']), rtol=1e-6)

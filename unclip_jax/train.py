@@ -290,6 +290,31 @@ def compile_train_step(stage, config, mesh, tx, state_sharding):
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
+def compile_train_step_for(stage, config, mesh, tx, state_sharding, args):
+  """The train step compiled ahead of time for `args` (state, batch, constants).
+
+  Where the step traced attentions into cuDNN and fails to compile (a cuDNN without engines for
+  these shapes, a platform without its kernels), it is compiled again with XLA's attention, with
+  a warning saying why; `attention.fall_back_to_xla()` makes the rest of the run's traces (eval,
+  sampling) use XLA's too. An error that remains with XLA's attention is raised.
+  """
+  before = attention.routes()
+  step = compile_train_step(stage, config, mesh, tx, state_sharding)
+  try:
+    return step.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if attention.routes_since(before)['cudnn'] == 0:
+      raise
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+  logging.warning("cuDNN attention did not compile (%s): using XLA's attention instead "
+                  "(config.attention='xla' skips trying cuDNN)", reason)
+  attention.fall_back_to_xla()
+  xla = config.copy_and_resolve_references()
+  with xla.unlocked():
+    xla.attention = 'xla'
+  return compile_train_step(stage, xla, mesh, tx, state_sharding).lower(*args).compile()
+
+
 def lower_train_step(stage, config, mesh, platforms: Optional[Sequence[str]] = None):
   """Lowers the train step on abstract inputs only (no parameter is allocated).
 
@@ -652,7 +677,6 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
       if config.get('init_from'):
         state = start_from(state, init_from_export(config, abstract.params), shardings)
         logging.info('Starting from the parameters of %s', config.init_from)
-    train_step = compile_train_step(stage, config, mesh, tx, shardings)
     constants = stage_constants(stage, mesh)
     batch_keys = list(stage.batch_spec(config.batch_size))
 
@@ -670,7 +694,8 @@ def _train_and_evaluate(config, workdir, stage, stop_at_step, mesh, rules, tx):
           jax.transfer_guard_device_to_host('disallow'):
         batch = make_global_batch(next(data_iter), mesh, batch_keys)
         if compiled is None:  # compiled ahead of time once, for its FLOP count
-          compiled = train_step.lower(state, batch, constants).compile()
+          compiled = compile_train_step_for(stage, config, mesh, tx, shardings,
+                                            (state, batch, constants))
           # XLA counts a scanned loop body once, so FLOP/s are only logged for unscanned models.
           flops_per_step = 0.0 if config.model.get('scan') else compiled_flops(compiled)
           timer = (time.perf_counter(), step - 1)

@@ -38,6 +38,18 @@ def implementation(name: str) -> Iterator[None]:
     _local.name = previous
 
 
+def current() -> str:
+  """The implementation models traced now in this thread take: 'auto' or 'xla'."""
+  return getattr(_local, 'name', 'auto')
+
+
+def fall_back_to_xla() -> None:
+  """From now on, until the innermost `implementation` context around this call exits (for
+  good, outside any), models traced in this thread use XLA's attention: for a run whose cuDNN
+  attention failed to compile."""
+  _local.name = 'xla'
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: Optional[jax.Array] = None,
                           is_causal: bool = False) -> jax.Array:
@@ -52,7 +64,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Returns:
     [B, T, H, D] in the dtype of `q`. Logits and softmax are computed in float32.
   """
-  if (getattr(_local, 'name', 'auto') == 'auto' and q.dtype in (jnp.bfloat16, jnp.float16)
+  if (current() == 'auto' and q.dtype in (jnp.bfloat16, jnp.float16)
       and _on_gpu()):
     try:
       out = cudnn_attention(q, k, v, mask=mask, is_causal=is_causal)
