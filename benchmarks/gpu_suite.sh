@@ -113,7 +113,9 @@ for path in sorted(glob.glob(os.path.join(out, '*.json'))):
                                             r['ours'].get('profile', {}).get('by_kind', {}).items()}}
   elif 'cases' in r:   # attention: cuDNN against XLA per shape
     summary[name] = {c: {k: v.get(k) for k in ('xla_ms', 'cudnn_ms', 'speedup_cudnn_vs_xla',
-                                               'cudnn_refused')}
+                                               'cudnn_refused', 'cudnn_lengths_ms',
+                                               'speedup_cudnn_lengths_vs_xla',
+                                               'cudnn_lengths_refused') if k in v}
                      | {'max_rel_diff': max((v.get('max_rel_diff') or {0: None}).values())}
                      for c, v in r['cases'].items()}
   else:
