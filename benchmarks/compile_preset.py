@@ -46,22 +46,27 @@ def define_flags():
                                   lock_config=False)
   flags.DEFINE_integer('devices', 0, 'Simulated CPU devices (0: the platform\'s own devices).')
   flags.DEFINE_integer('clip_depth', 1, 'Layers per frozen-CLIP tower (stages with a CLIP).')
-  flags.DEFINE_enum('platform', None, ['cuda'], 'Lower (in bfloat16) for this platform instead '
-                    'of compiling for the host, and report where the attentions go.')
+  flags.DEFINE_enum('platform', None, ['cuda', 'tpu'], 'Lower (in bfloat16) for this platform '
+                    'instead of compiling for the host, and report where the attentions go.')
   flags.mark_flags_as_required(['config'])
 
 
 @contextlib.contextmanager
-def as_on_a_gpu(compute_capability: str = '9.0', cudnn_version: int = 91000):
-  """Within this context, models traced take the attention helper's GPU path, and JAX's cuDNN
-  checks at trace time answer as on a GPU of `compute_capability` with cuDNN `cudnn_version`
-  (nothing changes on a host with a GPU, whose own answers count)."""
+def as_on(platform: str, compute_capability: str = '9.0', cudnn_version: int = 91000):
+  """Within this context, models traced take the attention helper's path for `platform` ('cuda':
+  cuDNN's kernel, 'tpu': the Pallas one), and on a host without a GPU, JAX's cuDNN checks at
+  trace time answer as on a GPU of `compute_capability` with cuDNN `cudnn_version` (a host of
+  that platform answers for itself)."""
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == 'gpu':
+  from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == {'cuda': 'gpu'}.get(platform, platform):
     yield
     return
+  if platform == 'tpu':
+    with mock.patch.object(attention, '_on_tpu', lambda: True):
+      yield
+    return
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-  from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
   version = lambda v: tuple(int(x) for x in v.split('.'))
   with mock.patch.object(cudnn, 'check_cudnn_version', lambda: cudnn_version), \
        mock.patch.object(cudnn, 'check_compute_capability',
@@ -73,8 +78,8 @@ def as_on_a_gpu(compute_capability: str = '9.0', cudnn_version: int = 91000):
 
 
 def lower_for(platform: str, config, clip_depth: int = 1) -> dict:
-  """Lowers `config`'s train step (and its frozen CLIP) in bfloat16 for `platform` (as on an H100
-  where the host has no GPU); returns the stage's sizes and where its attentions go (`attention.routes()`)."""
+  """Lowers `config`'s train step (and its frozen CLIP) in bfloat16 for `platform` ('cuda', as on
+  an H100 where the host has no GPU, or 'tpu'); returns the stage's sizes and where its attentions go (`attention.routes()`)."""
   import jax  # pylint: disable=g-import-not-at-top
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
   from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
@@ -83,7 +88,7 @@ def lower_for(platform: str, config, clip_depth: int = 1) -> dict:
   stage, mesh = _build(config, clip_depth, clip_dtype='bfloat16')
   before = attention.routes()
   t0 = time.perf_counter()
-  with as_on_a_gpu():
+  with as_on(platform):
     train.lower_train_step(stage, config, mesh, platforms=(platform,))
   lower_s = time.perf_counter() - t0
   return {'stage': config.stage, 'platform': platform, 'batch_size': config.batch_size,

@@ -38,7 +38,7 @@ def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip
   assert ours['xla_memory_estimate_gb'] * 1e9 > 3 * 4 * ours['params']
   # Where the step's attentions went: XLA's on a CPU, every layer's (both towers').
   layers = config.model.text.depth + config.model.vision.depth
-  assert ours['attention']['cudnn'] == 0 and ours['attention']['cudnn_refused'] == {}
+  assert ours['attention']['cudnn'] == 0 and ours['attention']['refused'] == {}
   assert ours['attention']['fell_back_to_xla'] is False
   assert ours['attention']['xla'] >= layers, ours['attention']
   pytest.importorskip('transformers')
@@ -110,26 +110,30 @@ def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
   assert result['compile_s'] > 0
 
 
-def test_every_attention_reaches_cudnn_in_steps_lowered_for_gpus():
-  """compile_preset.py --platform=cuda, from this CPU, JAX's cuDNN checks answering as an H100:
-  every attention of each stage's bfloat16 step goes to cuDNN: CLIP's (odd token counts: 17
-  image tokens, causal text), the prior's (causal over padded caption tokens) and the decoder's
-  (masked caption keys), and the frozen CLIP's in both. A head size cuDNN refuses is reported
-  with cuDNN's reason."""
+@pytest.mark.parametrize('platform,kernel', [('cuda', 'cudnn'), ('tpu', 'pallas_tpu')])
+def test_every_attention_reaches_the_fused_kernel_in_steps_lowered_for_accelerators(platform,
+                                                                                     kernel):
+  """compile_preset.py --platform=cuda|tpu, from this CPU (JAX's cuDNN checks answering as an
+  H100): every attention of each stage's bfloat16 step goes to cuDNN's kernel, or the Pallas TPU
+  one: CLIP's (odd token counts: 17 image tokens, causal text), the prior's (causal over padded
+  caption tokens) and the decoder's (masked caption keys), and the frozen CLIP's in both. A head
+  size cuDNN refuses is reported with cuDNN's reason."""
   module = _load_benchmark('compile_preset')
   from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   clip = config_lib.preset('clip', 'tiny')
   clip.batch_size = 8
   assert (clip.model.vision.image_size // clip.model.vision.patch_size) ** 2 % 2 == 0  # +1: odd
-  routes = module.lower_for('cuda', clip)['attention']
+  routes = module.lower_for(platform, clip)['attention']
   # Each of the 7 layers' attention, traced as often as the step traces the towers.
-  assert routes['cudnn'] >= 7 and routes['cudnn'] % 7 == 0, routes
-  assert routes['xla'] == 0 and routes['cudnn_refused'] == {}, routes
+  assert routes[kernel] >= 7 and routes[kernel] % 7 == 0, routes
+  assert routes['xla'] == 0 and routes['refused'] == {}, routes
   for stage in ('prior', 'decoder'):
-    result = module.lower_for('cuda', _smoke_config(stage))
+    result = module.lower_for(platform, _smoke_config(stage))
     assert result['dtype'] == 'bfloat16'
     routes = result['attention']
-    assert routes['cudnn'] >= 3 and routes['xla'] == 0 and routes['cudnn_refused'] == {}, result
+    assert routes[kernel] >= 3 and routes['xla'] == 0 and routes['refused'] == {}, result
+  if platform == 'tpu':
+    return
 
   clip.attention = 'xla'                                  # the config's switch: XLA's only
   routes = module.lower_for('cuda', clip)['attention']
@@ -139,7 +143,7 @@ def test_every_attention_reaches_cudnn_in_steps_lowered_for_gpus():
   routes = module.lower_for('cuda', clip)['attention']
   text, vision = clip.model.text.depth, clip.model.vision.depth
   assert routes['cudnn'] * text == routes['xla'] * vision > 0, routes   # the text tower's: XLA
-  (reason, count), = routes['cudnn_refused'].items()
+  (reason, count), = routes['refused'].items()
   assert 'head dim' in reason and count == routes['xla'], routes
 
 

@@ -259,7 +259,7 @@ def test_a_step_whose_cudnn_attention_does_not_compile_falls_back_to_xla(make_ti
     args = (state, train.make_global_batch(batch, mesh), train.stage_constants(stage, mesh))
     plain = train.compile_train_step(stage, config, mesh, tx, shardings)
     _, expected = plain(jax.tree.map(jnp.copy, state), *args[1:])
-    with attention.implementation('auto'), compile_preset.as_on_a_gpu():
+    with attention.implementation('auto'), compile_preset.as_on('cuda'):
       before = attention.routes()
       with pytest.raises(NotImplementedError, match='dot_product_attention'):
         train.compile_train_step(stage, config, mesh, tx, shardings).lower(*args).compile()
@@ -270,7 +270,7 @@ def test_a_step_whose_cudnn_attention_does_not_compile_falls_back_to_xla(make_ti
       jax.eval_shape(lambda q: attention.dot_product_attention(q, q, q), q)
       later = attention.routes_since(before)
     _, metrics = compiled(*args)
-  assert "cuDNN attention did not compile (MLIR translation rule" in caplog.text
+  assert "cudnn attention did not compile (MLIR translation rule" in caplog.text
   assert routes['cudnn'] > 0 and routes['xla'] > 0, routes     # cuDNN tried, then XLA's
-  assert later == {'cudnn': 0, 'xla': 1, 'cudnn_refused': {}}  # and later traces take XLA's
+  assert later == {'cudnn': 0, 'pallas_tpu': 0, 'xla': 1, 'refused': {}}   # later: XLA's
   np.testing.assert_allclose(float(metrics['loss']), float(expected['loss']), rtol=1e-6)

@@ -293,21 +293,24 @@ def compile_train_step(stage, config, mesh, tx, state_sharding):
 def compile_train_step_for(stage, config, mesh, tx, state_sharding, args):
   """The train step compiled ahead of time for `args` (state, batch, constants).
 
-  Where the step traced attentions into cuDNN and fails to compile (a cuDNN without engines for
-  these shapes, a platform without its kernels), it is compiled again with XLA's attention, with
-  a warning saying why; `attention.fall_back_to_xla()` makes the rest of the run's traces (eval,
-  sampling) use XLA's too. An error that remains with XLA's attention is raised.
+  Where the step traced attentions into a fused kernel (cuDNN's, the Pallas TPU one) and fails
+  to compile (a cuDNN without engines for these shapes, a platform without the kernel), it is
+  compiled again with XLA's attention, with a warning saying why; `attention.fall_back_to_xla()`
+  makes the rest of the run's traces (eval, sampling) use XLA's too. An error that remains with
+  XLA's attention is raised.
   """
   before = attention.routes()
   step = compile_train_step(stage, config, mesh, tx, state_sharding)
   try:
     return step.lower(*args).compile()
   except Exception as e:  # pylint: disable=broad-except
-    if attention.routes_since(before)['cudnn'] == 0:
+    routes = attention.routes_since(before)
+    kernels = [name for name in attention.KERNELS if routes[name]]
+    if not kernels:
       raise
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-  logging.warning("cuDNN attention did not compile (%s): using XLA's attention instead "
-                  "(config.attention='xla' skips trying cuDNN)", reason)
+  logging.warning("%s attention did not compile (%s): using XLA's attention instead "
+                  "(config.attention='xla' skips trying it)", ' and '.join(kernels), reason)
   attention.fall_back_to_xla()
   xla = config.copy_and_resolve_references()
   with xla.unlocked():

@@ -1,10 +1,13 @@
-"""The attention helper's cuDNN operands: a boolean mask as a bias, lengths padded to even.
+"""The attention helper's kernels: cuDNN's operands (a boolean mask as a bias, lengths padded
+to even), the Pallas TPU kernel, and XLA's attention with its recomputing backward pass.
 
 cuDNN itself needs a GPU; here the same operands go through XLA's implementation, which must give
-the masked attention (values and gradients) for every mask shape the models pass.
+the masked attention (values and gradients) for every mask shape the models pass. The Pallas TPU
+kernel runs in Pallas' TPU interpreter.
 """
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,3 +139,88 @@ def test_xla_attention_recomputes_the_gradients_autodiff_gives(case):
       lambda *a: attention.xla_attention(*a, mask, is_causal), q, k, v)[1])(q, k, v)
   kept = [x for x in jax.tree.leaves(vjp) if hasattr(x, 'dtype') and x.dtype != bool]
   assert kept and all(x.ndim < 4 or x.shape[-2:] != (t, s) for x in kept)
+
+
+# The Pallas TPU kernel, run by Pallas' interpreter (no TPU here): every key mask the models pass,
+# values and gradients; masks over queries are refused (XLA's attention runs instead).
+TPU_CASES = ['key_padding_odd', 'causal_padded_tokens', 'shared', 'none', 'none_causal_odd']
+
+
+@pytest.mark.parametrize('case', TPU_CASES)
+def test_pallas_tpu_attention_gives_the_masked_attention(case):
+  t, s, make_mask, is_causal = CASES[case]
+  q, k, v = _inputs(t, s)
+  mask = make_mask()
+  w = np.random.default_rng(6).normal(size=q.shape).astype(np.float32)
+  flash = lambda *a: attention.pallas_tpu_attention(*a, mask=mask, is_causal=is_causal)
+  with pltpu.force_tpu_interpret_mode():
+    out = flash(q, k, v)
+    ours = jax.grad(lambda *a: jnp.sum(flash(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  assert out.shape == q.shape
+  np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
+  plain = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(
+      *a, mask=mask, is_causal=is_causal) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_pallas_tpu_attention_refuses_masks_over_queries_and_the_helper_falls_back(monkeypatch):
+  t, s, make_mask, _ = CASES['full']
+  q, k, v = _inputs(t, s)
+  with pytest.raises(NotImplementedError, match='over queries or heads'):
+    attention.pallas_tpu_attention(q, k, v, mask=make_mask())
+  with pytest.raises(NotImplementedError, match='causal mask over 5 queries and 7 keys'):
+    attention.pallas_tpu_attention(*_inputs(5, 7), is_causal=True)
+  # On a TPU the helper takes the kernel for a key mask and XLA's for the rest, counting both.
+  monkeypatch.setattr(attention, '_on_tpu', lambda: True)
+  key_mask = CASES['key_padding_odd'][2]()
+  before = attention.routes()
+  with pltpu.force_tpu_interpret_mode():
+    out = attention.dot_product_attention(*_inputs(7, 9), mask=key_mask)
+    full = attention.dot_product_attention(q, k, v, mask=make_mask())
+  routes = attention.routes_since(before)
+  assert routes['pallas_tpu'] == 1 and routes['xla'] == 1 and routes['cudnn'] == 0, routes
+  (reason,) = routes['refused']
+  assert reason.startswith('pallas_tpu: a mask of shape (2, 3, 6, 5)'), reason
+  np.testing.assert_allclose(out, _reference(*_inputs(7, 9), key_mask, False), atol=2e-5)
+  np.testing.assert_allclose(full, _reference(q, k, v, make_mask(), False), atol=2e-5)
+
+
+def test_pallas_tpu_attention_runs_per_shard_over_the_mesh():
+  """XLA cannot partition a Pallas kernel: on a mesh of several devices it runs under
+  shard_map, batch over the 'batch' rule's axes and heads over the 'heads' rule's, and gives the
+  same attention and gradients; a batch the axes do not divide is refused."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  q, k, v = (rng.normal(size=(4, 9, 2, 8)).astype(np.float32) for _ in range(3))
+  mask = (np.arange(9)[None] < np.array([9, 3, 5, 7])[:, None])[:, None, None, :]
+  # Four devices: batch over one axis, heads over another (Pallas' TPU interpreter runs each
+  # device in a thread of its own; 8 of them on a 2-core machine have starved each other).
+  mesh = jax.make_mesh((2, 1, 2), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)     # the trainer's mesh
+  loss = lambda *a: jnp.sum(attention.pallas_tpu_attention(*a, mask=mask, is_causal=True) ** 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.DEFAULT_RULES), \
+       pltpu.force_tpu_interpret_mode():
+    out = jax.jit(lambda *a: attention.pallas_tpu_attention(*a, mask=mask, is_causal=True))(
+        q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    with pytest.raises(NotImplementedError, match='a batch of 1 and 2 heads'):
+      jax.jit(lambda *a: attention.pallas_tpu_attention(*a))(q[:1], k[:1], v[:1])
+  np.testing.assert_allclose(out, _reference(q, k, v, mask, True), atol=2e-5)
+  plain = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(
+      *a, mask=mask, is_causal=True) ** 2), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grads, plain):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_pallas_tpu_attention_masks_out_keys_in_bfloat16():
+  q, k, v = _inputs(4, 5)
+  v[:, 3:] = 100.0                      # masked keys with values that would show
+  mask = np.array([True, True, True, False, False])
+  with pltpu.force_tpu_interpret_mode():
+    out = attention.pallas_tpu_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)),
+                                         mask=mask)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), _reference(q, k, v, mask, False),
+                             atol=0.05)

@@ -1,15 +1,20 @@
 """The one attention helper every model calls.
 
-It wraps `jax.nn.dot_product_attention`. On GPU, in bfloat16/float16, it takes cuDNN's flash
-kernel, masks included: queries and keys are padded to even lengths, which cuDNN needs in
-training (JAX checks it for every call, masked or not: CLIP's 77 and 197 tokens would otherwise
-fall back), a boolean mask becomes an additive bias (0 where attended, a large negative number
-elsewhere), and padded keys are masked out (by the bias, or by cuDNN's padding mask where there is
-no bias) and the padded queries' outputs dropped, so the result is the same function. Where
-cuDNN refuses the shapes (head size), and on other backends and dtypes, `xla_attention` runs: XLA
-ops whose backward pass recomputes the probabilities instead of keeping them.
-`implementation('xla')` forces it.
-"""
+It wraps `jax.nn.dot_product_attention` and two fused kernels, each with a backward pass that
+recomputes the probabilities instead of keeping them:
+
+- on GPU, in bfloat16/float16, cuDNN's flash kernel, masks included. Queries and keys are padded
+  to even lengths, which cuDNN needs in training (JAX checks it for every call, masked or not:
+  CLIP's 77 and 197 tokens would otherwise fall back); a boolean mask becomes an additive bias
+  (0 where attended, a large negative number elsewhere); padded keys are masked out (by the bias,
+  or by cuDNN's padding mask where there is no bias) and the padded queries' outputs dropped, so
+  the result is the same function;
+- on TPU, the Pallas flash kernel (`pallas_tpu_attention`), for key masks with or without a
+  causal one.
+
+Where a kernel refuses the shapes or the mask, and on other backends and dtypes, `xla_attention`
+runs: XLA ops whose backward pass also recomputes the probabilities. `implementation('xla')`
+forces it; `routes()` counts which one each traced attention took."""
 
 import collections
 import contextlib
@@ -20,6 +25,8 @@ from typing import Iterator, Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 _local = threading.local()
 
@@ -27,7 +34,7 @@ _local = threading.local()
 @contextlib.contextmanager
 def implementation(name: str) -> Iterator[None]:
   """Within this context, models traced use attention `name`: 'auto' (the default: cuDNN on GPU
-  where it applies, else XLA) or 'xla'."""
+  and the Pallas kernel on TPU where they apply, else XLA's) or 'xla'."""
   if name not in ('auto', 'xla'):
     raise ValueError(f"attention implementation must be 'auto' or 'xla', got {name!r}")
   previous = getattr(_local, 'name', 'auto')
@@ -45,8 +52,8 @@ def current() -> str:
 
 def fall_back_to_xla() -> None:
   """From now on, until the innermost `implementation` context around this call exits (for
-  good, outside any), models traced in this thread use XLA's attention: for a run whose cuDNN
-  attention failed to compile."""
+  good, outside any), models traced in this thread use XLA's attention: for a run whose fused
+  attention kernel failed to compile."""
   _local.name = 'xla'
 
 
@@ -64,14 +71,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Returns:
     [B, T, H, D] in the dtype of `q`. Logits and softmax are computed in float32.
   """
-  if (current() == 'auto' and q.dtype in (jnp.bfloat16, jnp.float16)
-      and _on_gpu()):
+  if current() == 'auto' and q.dtype in (jnp.bfloat16, jnp.float16) and _on_gpu():
     try:
       out = cudnn_attention(q, k, v, mask=mask, is_causal=is_causal)
       _routes['cudnn'] += 1
       return out
     except (NotImplementedError, ValueError, RuntimeError) as e:  # cuDNN refused: XLA's below
-      _log_fallback(str(e))
+      _log_fallback('cudnn', str(e))
+  if current() == 'auto' and _on_tpu():
+    try:
+      out = pallas_tpu_attention(q, k, v, mask=mask, is_causal=is_causal)
+      _routes['pallas_tpu'] += 1
+      return out
+    except (NotImplementedError, ValueError) as e:  # the kernel does not apply: XLA's below
+      _log_fallback('pallas_tpu', str(e))
   _routes['xla'] += 1
   return xla_attention(q, k, v, mask, is_causal)
 
@@ -178,6 +191,85 @@ def cudnn_operands(q, k, v, mask):
   return q, k, v, bias, None, t
 
 
+TPU_BLOCK = 128   # the Pallas kernel's block over queries and keys (a lane's width)
+
+
+def pallas_tpu_attention(q, k, v, *, mask=None, is_causal=False):
+  """Flash attention on TPU: JAX's Pallas kernel (`jax.experimental.pallas.ops.tpu`), whose
+  backward pass recomputes the probabilities block by block, as cuDNN's does.
+
+  The kernel takes masks as segment ids, so it applies to key masks (broadcastable to
+  [B, 1, 1, S]: the decoder's caption keys, the prior's padded tokens) with or without a causal
+  mask; a mask that varies over queries or heads raises NotImplementedError (XLA's then runs).
+  Queries and keys are padded to multiples of `TPU_BLOCK`, the padded keys masked and the padded
+  queries' outputs dropped. Within `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` the
+  kernel runs in Pallas' interpreter, on any backend.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas  # pylint: disable=g-import-not-at-top
+  b, t, _, d = q.shape
+  s = k.shape[1]
+  if is_causal and t != s:
+    raise NotImplementedError(f'a causal mask over {t} queries and {s} keys')
+  keys = None
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+      raise NotImplementedError(f'a mask of shape {mask.shape}, over queries or heads, not keys '
+                                'only')
+    keys = jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
+  pad_t, pad_s = -t % TPU_BLOCK, -s % TPU_BLOCK
+  if pad_s and keys is None:
+    keys = jnp.ones((b, s), bool)
+  if keys is not None:
+    keys = jnp.pad(keys, ((0, 0), (0, pad_s)))
+  q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+  k, v = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k, v))
+  segments = None
+  if keys is not None:   # a query (segment 1) attends to keys of its segment: the unmasked ones
+    segments = pallas.SegmentIds(q=jnp.ones(q.shape[:2], jnp.int32),
+                                 kv=keys.astype(jnp.int32))
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+
+  def kernel(q, k, v, segments):
+    return pallas.flash_attention(q, k, v, segment_ids=segments, causal=is_causal,
+                                  sm_scale=1.0 / d ** 0.5, block_sizes=_tpu_blocks(pallas))
+  out = _per_shard(kernel, b, q.shape[2], segments is not None)(
+      heads_first(q), heads_first(k), heads_first(v), segments)
+  return heads_first(out)[:, :t]
+
+
+def _per_shard(kernel, batch: int, heads: int, segments: bool):
+  """`kernel` (q, k, v [B, H, T, D], segment ids) under `jax.shard_map` over the mesh in
+  context, split as the models' activations are (batch over the logical rules' 'batch' axes,
+  heads over 'heads'), since XLA cannot partition a Pallas kernel itself; `kernel` alone without
+  a mesh of several devices. Raises NotImplementedError where those axes do not divide the batch
+  or the heads."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'kv'))
+  size = lambda axes: int(np.prod([mesh.shape[a] for a in
+                                   ((axes,) if isinstance(axes, str) else axes or ())]))
+  if batch % size(batch_axes) or heads % size(head_axes):
+    raise NotImplementedError(f'a batch of {batch} and {heads} heads over mesh axes '
+                              f'{batch_axes} and {head_axes} of {dict(mesh.shape)}')
+  spec = P(batch_axes, head_axes, None, None)
+  segment_spec = pallas.SegmentIds(q=P(batch_axes, None), kv=P(batch_axes, None)) \
+      if segments else None
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, segment_spec),
+                       out_specs=spec, check_vma=False)
+
+
+def _tpu_blocks(pallas):
+  n = TPU_BLOCK
+  return pallas.BlockSizes(block_q=n, block_k_major=n, block_k=n, block_b=1,
+                           block_q_major_dkv=n, block_k_major_dkv=n, block_k_dkv=n,
+                           block_q_dkv=n, block_k_major_dq=n, block_k_dq=n, block_q_dq=n)
+
+
 def _large_negative(dtype) -> jax.Array:
   # Finite, so that fully masked rows stay finite, and far below any logit (cuDNN mis-handles the
   # difference of two -inf-like numbers, so not the dtype's minimum either).
@@ -190,27 +282,34 @@ def _on_gpu() -> bool:
   return jax.default_backend() == 'gpu'
 
 
+def _on_tpu() -> bool:
+  return jax.default_backend() == 'tpu'
+
+
+KERNELS = ('cudnn', 'pallas_tpu')   # the fused kernels `dot_product_attention` may take
 _routes: collections.Counter = collections.Counter()
 _fallbacks: collections.Counter = collections.Counter()
 
 
 def routes() -> dict:
-  """The attentions traced in this process so far: how many took cuDNN's kernel ('cudnn') and
-  XLA's ('xla'), and why cuDNN refused those it did ('cudnn_refused': reason → attentions), so a
-  benchmark can report where a step's attentions go. These count traces: a scanned stack of
-  layers counts once, a model traced several times (initialisation, two passes) each time."""
-  return {'cudnn': _routes['cudnn'], 'xla': _routes['xla'], 'cudnn_refused': dict(_fallbacks)}
+  """The attentions traced in this process so far: how many took cuDNN's kernel ('cudnn'), the
+  Pallas TPU kernel ('pallas_tpu') and XLA's ('xla'), and why a kernel refused those it did
+  ('refused': 'kernel: reason' → attentions), so a benchmark can report where a step's attentions
+  go. These count traces: a scanned stack of layers counts once, a model traced several times
+  (initialisation, two passes) each time."""
+  return {name: _routes[name] for name in KERNELS + ('xla',)} | {'refused': dict(_fallbacks)}
 
 
 def routes_since(before: dict) -> dict:
   """`routes()` less an earlier `routes()`: the attentions traced in between."""
   now = routes()
-  refused = {k: n - before['cudnn_refused'].get(k, 0) for k, n in now['cudnn_refused'].items()}
-  return {'cudnn': now['cudnn'] - before['cudnn'], 'xla': now['xla'] - before['xla'],
-          'cudnn_refused': {k: n for k, n in refused.items() if n}}
+  refused = {k: n - before['refused'].get(k, 0) for k, n in now['refused'].items()}
+  return ({name: now[name] - before[name] for name in KERNELS + ('xla',)} |
+          {'refused': {k: n for k, n in refused.items() if n}})
 
 
-def _log_fallback(reason: str) -> None:
-  if reason not in _fallbacks:
-    logging.info('cuDNN attention does not apply here (%s): XLA attention instead', reason)
-  _fallbacks[reason] += 1
+def _log_fallback(kernel: str, reason: str) -> None:
+  key = f'{kernel}: {reason}'
+  if key not in _fallbacks:
+    logging.info('%s attention does not apply here (%s): XLA attention instead', kernel, reason)
+  _fallbacks[key] += 1
