@@ -304,3 +304,15 @@ def backward_residual_bytes(loss, params) -> int:
   vjp = jax.jit(lambda p: jax.vjp(loss, p)[1])(params)
   kept = {id(a) for a in jax.tree.leaves(params)}
   return sum(a.nbytes for a in jax.tree.leaves(vjp) if hasattr(a, 'nbytes') and id(a) not in kept)
+
+
+def load_benchmark(name: str):
+  """The module of `benchmarks/<name>.py` (the benchmarks are scripts, not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks',
+                      f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_benchmark', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

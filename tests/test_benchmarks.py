@@ -1,7 +1,6 @@
 """benchmarks/train_step.py runs and reports sane quantities (no timing assertions)."""
 
 import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,16 +8,14 @@ import sys
 import numpy as np
 import pytest
 
+from tests import helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.cache
 def _load_benchmark(name: str = 'train_step'):
-  spec = importlib.util.spec_from_file_location(
-      f'{name}_benchmark', os.path.join(REPO, 'benchmarks', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark(name)
 
 
 def test_train_step_benchmark_reports_flops_and_matches_peer_size(make_tiny_clip_config):
@@ -100,7 +97,6 @@ def test_attention_benchmark_checks_the_cudnn_operands():
 def test_compile_preset_reports_a_sharded_step_without_allocating(data_dir):
   """benchmarks/compile_preset.py on the tiny upsampler over a 2x4 (data, fsdp) mesh."""
   module = _load_benchmark('compile_preset')
-  from tests import helpers  # pylint: disable=g-import-not-at-top
   config = helpers.tiny_upsampler_config(data_dir)
   config.model.unet.update(channel_mult=(1,), model_channels=16, norm_groups=8)  # compiles fast
   config.mesh.shape = (2, 4, 1)

@@ -240,13 +240,8 @@ def test_a_step_whose_cudnn_attention_does_not_compile_falls_back_to_xla(make_ti
   trainer compiles the step with XLA's attention, says so, and later traces use XLA's too. The
   CPU stands in for such a GPU: the attention helper takes its GPU path (JAX's cuDNN checks
   answering as an H100's), whose kernels this platform lacks."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   from unclip_jax.models import attention  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'compile_preset', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 'benchmarks', 'compile_preset.py'))
-  compile_preset = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(compile_preset)
+  compile_preset = helpers.load_benchmark('compile_preset')
 
   config = make_tiny_clip_config()
   config.dtype = 'bfloat16'

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from unclip_jax import workdir as workdir_lib
+from unclip_jax.models import attention
 from unclip_jax.stages import clip as clip_stage
 from unclip_jax.stages import decoder as decoder_stage
 from unclip_jax.stages import export
@@ -305,8 +306,8 @@ class UnclipPipeline:
     return [dataclasses.replace(o, guidance_scale=1.0) for o in options.values()]
 
   def _jit(self, key, fn):
-    if key not in self._compiled:
-      self._compiled[key] = jax.jit(fn)
+    if key not in self._compiled:   # jitted; XLA's attention where a fused one fails to compile
+      self._compiled[key] = attention.jit_falling_back(fn)
     return self._compiled[key]
 
   def _prior_call(self, stage):

@@ -304,13 +304,8 @@ def compile_train_step_for(stage, config, mesh, tx, state_sharding, args):
   try:
     return step.lower(*args).compile()
   except Exception as e:  # pylint: disable=broad-except
-    routes = attention.routes_since(before)
-    kernels = [name for name in attention.KERNELS if routes[name]]
-    if not kernels:
+    if not attention.warn_if_a_kernel_failed(before, e):
       raise
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-  logging.warning("%s attention did not compile (%s): using XLA's attention instead "
-                  "(config.attention='xla' skips trying it)", ' and '.join(kernels), reason)
   attention.fall_back_to_xla()
   xla = config.copy_and_resolve_references()
   with xla.unlocked():

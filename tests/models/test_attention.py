@@ -224,3 +224,28 @@ def test_pallas_tpu_attention_masks_out_keys_in_bfloat16():
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), _reference(q, k, v, mask, False),
                              atol=0.05)
+
+
+def test_jit_falling_back_recompiles_with_xla_where_the_fused_kernel_does_not_compile(caplog):
+  """Inference's jit (the pipeline's): a call whose trace took cuDNN's kernel and did not compile
+  (the CPU stands in for such a GPU: the cuDNN path has no CPU kernels) is jitted again with
+  XLA's attention, which later calls keep; a function without attention raises as jit does."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  as_on = helpers.load_benchmark('compile_preset').as_on
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(7, 9))
+  mask = CASES['key_padding_odd'][2]()
+  fn = attention.jit_falling_back(
+      lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask))
+  with as_on('cuda'):
+    before = attention.routes()
+    out = fn(q, k, v)
+    again = fn(q * 2, k, v)
+    routes = attention.routes_since(before)
+    with pytest.raises(TypeError):
+      attention.jit_falling_back(lambda x: x + 'a')(q)
+  assert "cudnn attention did not compile" in caplog.text
+  assert routes['cudnn'] == 1 and routes['xla'] == 1, routes   # one retrace, kept afterwards
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             _reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                        v.astype(jnp.float32), mask, False), atol=0.05)
+  assert again.shape == out.shape

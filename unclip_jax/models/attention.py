@@ -57,6 +57,46 @@ def fall_back_to_xla() -> None:
   _local.name = 'xla'
 
 
+def jit_falling_back(fn):
+  """`jax.jit(fn)`, except that a call whose trace took a fused attention kernel (cuDNN's, the
+  Pallas TPU one) and then failed to compile is jitted again with XLA's attention, with a
+  warning, and XLA's serves every later call: for inference, where no train step's fallback
+  applies. Errors that remain with XLA's attention are raised."""
+  state = {'jitted': jax.jit(fn), 'xla': False}
+
+  def xla_fn(*args, **kwargs):
+    with implementation('xla'):
+      return fn(*args, **kwargs)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    if state['xla']:
+      return state['jitted'](*args, **kwargs)
+    before = routes()
+    try:
+      return state['jitted'](*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      if not warn_if_a_kernel_failed(before, e):
+        raise
+    state.update(jitted=jax.jit(xla_fn), xla=True)
+    return state['jitted'](*args, **kwargs)
+  return call
+
+
+def warn_if_a_kernel_failed(before: dict, error: BaseException) -> bool:
+  """Whether attentions traced since `before` (a `routes()`) took a fused kernel, and so could
+  be why `error` was raised; if so, warns that XLA's attention takes over, naming the kernels
+  and the error's first line."""
+  traced = routes_since(before)
+  kernels = [name for name in KERNELS if traced[name]]
+  if kernels:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    logging.warning("%s attention did not compile (%s): using XLA's attention instead "
+                    "(config.attention='xla' or attention.implementation('xla') skips trying it)",
+                    ' and '.join(kernels), reason)
+  return bool(kernels)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: Optional[jax.Array] = None,
                           is_causal: bool = False) -> jax.Array:
