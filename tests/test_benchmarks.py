@@ -235,3 +235,41 @@ def test_gpu_suite_passes_shellcheck():
   result = subprocess.run([shellcheck, os.path.join(REPO, 'benchmarks', 'gpu_suite.sh')],
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stdout
+
+
+_LACKS = ('grain', 'tensorflow', 'tensorflow_datasets', 'open_clip', 'array_record')
+_WITHOUT = '''
+import importlib.abc, importlib.util, sys
+LACKS = set(sys.argv[1].split(','))
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split('.')[0] in LACKS else _find_spec(name, package))
+class Lacking(importlib.abc.MetaPathFinder):
+  def find_spec(self, fullname, path, target=None):
+    if fullname.split('.')[0] in LACKS:
+      raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+sys.meta_path.insert(0, Lacking())
+'''
+
+
+def test_the_benchmarks_need_nothing_the_gpu_machine_lacks():
+  """The GPU machine has no grain, tensorflow(-datasets), array_record or open_clip (GPU.md):
+  the benchmark scripts import, and every stage of the suite builds (the CLIP's tokenizer and
+  the frozen CLIPs included), without them."""
+  script = _WITHOUT + '''
+from benchmarks import attention, compile_preset, diffusers_peers, sampling, train_step
+from unclip_jax import config_lib, stages
+for stage, preset in (('clip', 'tiny'), ('clip', 'vit_b16'), ('prior', 'tiny'),
+                      ('prior', 'karlo'), ('decoder', 'tiny'), ('upsampler', 'karlo_64_256')):
+  config = config_lib.preset(stage, preset)
+  if stage in ('prior', 'decoder'):
+    config.clip.preset = 'tiny'
+    config.data.resolution = 32     # the tiny CLIP's
+  stages.get_stage(config)
+print(sorted(m for m in sys.modules if m.split('.')[0] in LACKS))
+'''
+  result = subprocess.run([sys.executable, '-c', script, ','.join(_LACKS)], cwd=REPO,
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == '[]', result.stdout
