@@ -181,7 +181,7 @@ def test_pallas_tpu_attention_refuses_masks_over_queries_and_the_helper_falls_ba
   routes = attention.routes_since(before)
   assert routes['pallas_tpu'] == 1 and routes['xla'] == 1 and routes['cudnn'] == 0, routes
   (reason,) = routes['refused']
-  assert reason.startswith('pallas_tpu: a mask of shape (2, 3, 6, 5)'), reason
+  assert reason.startswith('pallas_tpu: NotImplementedError: a mask of shape (2, 3, 6, 5)'), reason
   np.testing.assert_allclose(out, _reference(*_inputs(7, 9), key_mask, False), atol=2e-5)
   np.testing.assert_allclose(full, _reference(q, k, v, make_mask(), False), atol=2e-5)
 
@@ -249,3 +249,20 @@ def test_jit_falling_back_recompiles_with_xla_where_the_fused_kernel_does_not_co
                              _reference(q.astype(jnp.float32), k.astype(jnp.float32),
                                         v.astype(jnp.float32), mask, False), atol=0.05)
   assert again.shape == out.shape
+
+
+def test_a_kernel_failing_at_trace_time_falls_back_to_xla_with_its_error(monkeypatch):
+  """Any error a fused kernel raises while tracing (a cuDNN the platform cannot load, an API
+  change) sends that attention to XLA's, counted with the error's type and message."""
+  def broken(*args, **kwargs):
+    raise TypeError('an unexpected keyword argument')
+  monkeypatch.setattr(attention, '_on_gpu', lambda: True)
+  monkeypatch.setattr(attention, 'cudnn_attention', broken)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _inputs(5, 7))
+  before = attention.routes()
+  out = attention.dot_product_attention(q, k, v)
+  routes = attention.routes_since(before)
+  assert routes['xla'] == 1 and routes['cudnn'] == 0
+  assert routes['refused'] == {'cudnn: TypeError: an unexpected keyword argument': 1}
+  np.testing.assert_allclose(np.asarray(out, np.float32), _reference(q, k, v, None, False),
+                             atol=0.05)

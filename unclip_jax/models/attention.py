@@ -116,15 +116,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       out = cudnn_attention(q, k, v, mask=mask, is_causal=is_causal)
       _routes['cudnn'] += 1
       return out
-    except (NotImplementedError, ValueError, RuntimeError) as e:  # cuDNN refused: XLA's below
-      _log_fallback('cudnn', str(e))
+    except Exception as e:  # pylint: disable=broad-except  # refused, or failed: XLA's below
+      _log_fallback('cudnn', f'{type(e).__name__}: {e}')
   if current() == 'auto' and _on_tpu():
     try:
       out = pallas_tpu_attention(q, k, v, mask=mask, is_causal=is_causal)
       _routes['pallas_tpu'] += 1
       return out
-    except (NotImplementedError, ValueError) as e:  # the kernel does not apply: XLA's below
-      _log_fallback('pallas_tpu', str(e))
+    except Exception as e:  # pylint: disable=broad-except  # refused, or failed: XLA's below
+      _log_fallback('pallas_tpu', f'{type(e).__name__}: {e}')
   _routes['xla'] += 1
   return xla_attention(q, k, v, mask, is_causal)
 
