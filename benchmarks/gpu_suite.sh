@@ -12,7 +12,8 @@
 # First, cuDNN's masked attention against XLA's at karlo's attention shapes (benchmarks/attention.py).
 # Each train-step case also traces 2 steps and reports where their time goes, by kind of op
 # (ours.profile). A case that fails or runs past CASE_TIMEOUT seconds (default 120; the sampling case twice that)
-# is recorded (its log kept) and the suite goes on. PYTHON picks the interpreter (default
+# is recorded (its log kept) and the suite goes on; a diffusion stage's case that runs out of
+# memory is run again with rematerialisation (`<stage>_remat`). PYTHON picks the interpreter (default
 # python3); STEPS the timed steps per case.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR [--cpu-smoke]}
@@ -66,6 +67,7 @@ run_case() {   # name, seconds allowed, then the command's arguments
   else
     echo "$name: FAILED after $((SECONDS - start)) s (see $OUT/$name.log)"
     failed+=("$name")
+    return 1
   fi
 }
 
@@ -75,12 +77,19 @@ run_case clip "$CASE_TIMEOUT" benchmarks/train_step.py "${CLIP[@]}" "${DTYPE[@]}
   "${COMMON[@]}" --peer=transformers
 for stage in prior decoder upsampler; do
   case $stage in
-    prior) ARGS=("${PRIOR[@]}") ;;
-    decoder) ARGS=("${DECODER[@]}") ;;
-    upsampler) ARGS=("${UPSAMPLER[@]}") ;;
+    prior) ARGS=("${PRIOR[@]}"); REMAT=(--config.model.remat=True) ;;
+    decoder) ARGS=("${DECODER[@]}"); REMAT=(--config.model.unet.remat=True) ;;
+    upsampler) ARGS=("${UPSAMPLER[@]}"); REMAT=(--config.model.unet.remat=True) ;;
   esac
-  run_case "$stage" "$CASE_TIMEOUT" benchmarks/train_step.py "${ARGS[@]}" "${DTYPE[@]}" \
-    "${COMMON[@]}" --peer=diffusers --align_to_peer
+  if ! run_case "$stage" "$CASE_TIMEOUT" benchmarks/train_step.py "${ARGS[@]}" "${DTYPE[@]}" \
+      "${COMMON[@]}" --peer=diffusers --align_to_peer &&
+      grep -qiE 'RESOURCE_EXHAUSTED|out of memory' "$OUT/$stage.log"; then
+    # Out of memory without rematerialisation: measure with it (keeping each block's convolution
+    # and dense outputs, recomputing the rest) rather than not at all.
+    run_case "${stage}_remat" "$CASE_TIMEOUT" benchmarks/train_step.py "${ARGS[@]}" \
+      "${REMAT[@]}" "${REMAT[0]%.remat=True}.remat_policy=save_projections" "${DTYPE[@]}" \
+      "${COMMON[@]}" --peer=diffusers --align_to_peer
+  fi
 done
 run_case sampling "$((2 * CASE_TIMEOUT))" benchmarks/sampling.py "${SAMPLING[@]}"
 
