@@ -266,3 +266,31 @@ def test_a_kernel_failing_at_trace_time_falls_back_to_xla_with_its_error(monkeyp
   assert routes['refused'] == {'cudnn: TypeError: an unexpected keyword argument': 1}
   np.testing.assert_allclose(np.asarray(out, np.float32), _reference(q, k, v, None, False),
                              atol=0.05)
+
+
+@pytest.mark.parametrize('t,s,is_causal,mask_kind', [
+    (12, 9, False, 'keys'), (12, 12, True, 'keys'), (12, 5, False, 'full'), (12, 12, True, None)])
+def test_xla_attention_over_query_chunks_is_the_same_function(monkeypatch, t, s, is_causal,
+                                                               mask_kind):
+  """Long query sequences go through xla_attention a chunk of queries at a time (karlo's
+  decoder at 32px: 1024 queries, so a quarter of the [B, H, T, S] logits at once); values and
+  gradients are those of the whole, for key masks, masks over queries and causal masks."""
+  monkeypatch.setattr(attention, 'QUERY_CHUNK', 4)
+  q, k, v = _inputs(t, s, seed=3)
+  rng = np.random.default_rng(4)
+  mask = {'keys': lambda: np.arange(s)[None, None, None, :] < np.array([s, 3])[:, None, None,
+                                                                                 None],
+          'full': lambda: rng.random((2, 3, t, s)) > 0.3, None: lambda: None}[mask_kind]()
+  w = rng.normal(size=q.shape).astype(np.float32)
+  out = attention.xla_attention(q, k, v, mask, is_causal)
+  np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
+  ours = jax.grad(lambda *a: jnp.sum(attention.xla_attention(*a, mask, is_causal) * w),
+                  argnums=(0, 1, 2))(q, k, v)
+  plain = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(
+      *a, mask=mask, is_causal=is_causal) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  # The chunked program holds one chunk's logits: no [B, H, T, S] value in it.
+  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(attention.xla_attention(*a, mask, is_causal) * w),
+                         argnums=(0, 1, 2))).lower(q, k, v).as_text()
+  assert f'tensor<2x3x{t}x{s}xf32>' not in hlo and f'tensor<2x3x4x{s}xf32>' in hlo

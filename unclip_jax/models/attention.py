@@ -142,8 +142,16 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.A
   return _xla_attention_fwd(q, k, v, mask, is_causal)[0]
 
 
-def _masked_logits(q, k, mask, is_causal):
-  """[B, H, T, S] float32 logits, q·k / sqrt(D), with masked entries at a large negative."""
+QUERY_CHUNK = 256   # xla_attention's queries per step where there are more (and it divides them)
+
+
+def _query_chunks(t: int) -> int:
+  return t // QUERY_CHUNK if t > QUERY_CHUNK and t % QUERY_CHUNK == 0 else 1
+
+
+def _masked_logits(q, k, mask, is_causal, first_query=0):
+  """[B, H, T, S] float32 logits, q·k / sqrt(D), with masked entries at a large negative; `q`
+  holds the queries from `first_query` on (for the causal mask) and `mask` their rows."""
   logits = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
   allowed = None
@@ -151,37 +159,84 @@ def _masked_logits(q, k, mask, is_causal):
     allowed = jnp.asarray(mask, bool)
   if is_causal:
     t, s = logits.shape[-2:]
-    causal = jnp.tril(jnp.ones((t, s), bool))
+    causal = (first_query + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
     allowed = causal if allowed is None else allowed & causal
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
   return logits
 
 
+def _rows(x, start, size, axis):
+  """x[start:start + size] along `axis` (a traced start), or x itself where that axis is 1."""
+  if x is None or x.shape[axis] == 1:
+    return x
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _full_rank_mask(mask):
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask, bool)
+  return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
 def _xla_attention_fwd(q, k, v, mask, is_causal):
-  logits = _masked_logits(q, k, mask, is_causal)
-  peak = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-  unnormalised = jnp.exp(logits - peak)
-  total = unnormalised.sum(-1, keepdims=True)
-  probs = (unnormalised / total).astype(v.dtype)
-  out = jnp.einsum('bhts,bshd->bthd', probs, v, preferred_element_type=jnp.float32)
-  out = out.astype(q.dtype)
-  lse = peak + jnp.log(total)                                   # [B, H, T, 1]
+  """Forward pass over chunks of `QUERY_CHUNK` queries (one [B, H, chunk, S] block of logits at a
+  time, where there are more queries than that)."""
+  mask = _full_rank_mask(mask)
+  n = _query_chunks(q.shape[1])
+  c = q.shape[1] // n
+
+  def chunk(i):
+    start = i * c
+    logits = _masked_logits(_rows(q, start, c, 1), k, _rows(mask, start, c, 2), is_causal,
+                            start)
+    peak = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    unnormalised = jnp.exp(logits - peak)
+    total = unnormalised.sum(-1, keepdims=True)
+    probs = (unnormalised / total).astype(v.dtype)
+    out = jnp.einsum('bhts,bshd->bthd', probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype), peak + jnp.log(total)          # [B, c, H, D], [B, H, c, 1]
+
+  if n == 1:
+    out, lse = chunk(0)
+  else:
+    out, lse = jax.lax.map(chunk, jnp.arange(n))
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[:2] + out.shape[3:])
+    lse = jnp.moveaxis(lse, 0, 2).reshape(lse.shape[1:3] + (-1, 1))
   return out, (q, k, v, mask, out, lse)
 
 
 def _xla_attention_bwd(is_causal, residuals, g):
+  """Backward pass, chunk by chunk of queries as the forward: each recomputes its probabilities
+  from the log-sum-exp, gives its queries' gradient and adds to the keys' and values'."""
   q, k, v, mask, out, lse = residuals
-  probs = jnp.exp(_masked_logits(q, k, mask, is_causal) - lse)  # [B, H, T, S] float32
-  g32 = g.astype(jnp.float32)
-  dv = jnp.einsum('bhts,bthd->bshd', probs.astype(g.dtype), g,
-                  preferred_element_type=jnp.float32)
-  dprobs = jnp.einsum('bthd,bshd->bhts', g, v, preferred_element_type=jnp.float32)
-  delta = jnp.einsum('bthd,bthd->bht', g32, out.astype(jnp.float32))[..., None]
-  dlogits = (probs * (dprobs - delta) / jnp.sqrt(jnp.float32(q.shape[-1]))).astype(q.dtype)
-  dq = jnp.einsum('bhts,bshd->bthd', dlogits, k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum('bhts,bthd->bshd', dlogits, q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  n = _query_chunks(q.shape[1])
+  c = q.shape[1] // n
+  scale = 1 / jnp.sqrt(jnp.float32(q.shape[-1]))
+
+  def chunk(dk_dv, i):
+    start = i * c
+    qi, gi, oi = (_rows(x, start, c, 1) for x in (q, g, out))
+    probs = jnp.exp(_masked_logits(qi, k, _rows(mask, start, c, 2), is_causal, start) -
+                    _rows(lse, start, c, 2))                    # [B, H, c, S] float32
+    dv = jnp.einsum('bhts,bthd->bshd', probs.astype(g.dtype), gi,
+                    preferred_element_type=jnp.float32)
+    dprobs = jnp.einsum('bthd,bshd->bhts', gi, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum('bthd,bthd->bht', gi.astype(jnp.float32),
+                       oi.astype(jnp.float32))[..., None]
+    dlogits = (probs * (dprobs - delta) * scale).astype(q.dtype)
+    dq = jnp.einsum('bhts,bshd->bthd', dlogits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum('bhts,bthd->bshd', dlogits, qi, preferred_element_type=jnp.float32)
+    return (dk_dv[0] + dk, dk_dv[1] + dv), dq.astype(q.dtype)
+
+  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  if n == 1:
+    (dk, dv), dq = chunk(zeros, 0)
+  else:
+    (dk, dv), dq = jax.lax.scan(chunk, zeros, jnp.arange(n))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
