@@ -118,14 +118,9 @@ def test_xla_context_and_cpu_fall_back_to_xla():
       pass
 
 
-@pytest.mark.parametrize('case', sorted(CASES))
-def test_xla_attention_recomputes_the_gradients_autodiff_gives(case):
-  """xla_attention (the path off cuDNN) keeps only q, k, v, the output and the log-sum-exp for
-  its backward pass; its values and gradients are those of the masked softmax formula."""
-  t, s, make_mask, is_causal = CASES[case]
-  q, k, v = _inputs(t, s)
-  mask = make_mask()
-  w = np.random.default_rng(5).normal(size=q.shape).astype(np.float32)
+def _check_xla_attention(q, k, v, mask, is_causal, w):
+  """xla_attention's values against the float64 reference, and its gradients of sum(out * w)
+  against autodiff of `jax.nn.dot_product_attention`."""
   out = attention.xla_attention(q, k, v, mask, is_causal)
   np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
   ours = jax.grad(lambda *a: jnp.sum(attention.xla_attention(*a, mask, is_causal) * w),
@@ -134,6 +129,17 @@ def test_xla_attention_recomputes_the_gradients_autodiff_gives(case):
       *a, mask=mask, is_causal=is_causal) * w), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(ours, plain):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_xla_attention_recomputes_the_gradients_autodiff_gives(case):
+  """xla_attention (the path off cuDNN) keeps only q, k, v, the output and the log-sum-exp for
+  its backward pass; its values and gradients are those of the masked softmax formula."""
+  t, s, make_mask, is_causal = CASES[case]
+  q, k, v = _inputs(t, s)
+  mask = make_mask()
+  w = np.random.default_rng(5).normal(size=q.shape).astype(np.float32)
+  _check_xla_attention(q, k, v, mask, is_causal, w)
   # What the backward pass keeps: no float [B, H, T, S] tensor (a full mask is an input).
   vjp = jax.jit(lambda q, k, v: jax.vjp(
       lambda *a: attention.xla_attention(*a, mask, is_causal), q, k, v)[1])(q, k, v)
@@ -282,14 +288,7 @@ def test_xla_attention_over_query_chunks_is_the_same_function(monkeypatch, t, s,
                                                                                  None],
           'full': lambda: rng.random((2, 3, t, s)) > 0.3, None: lambda: None}[mask_kind]()
   w = rng.normal(size=q.shape).astype(np.float32)
-  out = attention.xla_attention(q, k, v, mask, is_causal)
-  np.testing.assert_allclose(out, _reference(q, k, v, mask, is_causal), atol=2e-5)
-  ours = jax.grad(lambda *a: jnp.sum(attention.xla_attention(*a, mask, is_causal) * w),
-                  argnums=(0, 1, 2))(q, k, v)
-  plain = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(
-      *a, mask=mask, is_causal=is_causal) * w), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(ours, plain):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  _check_xla_attention(q, k, v, mask, is_causal, w)
   # The chunked program holds one chunk's logits: no [B, H, T, S] value in it.
   hlo = jax.jit(jax.grad(lambda *a: jnp.sum(attention.xla_attention(*a, mask, is_causal) * w),
                          argnums=(0, 1, 2))).lower(q, k, v).as_text()

@@ -111,20 +111,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Returns:
     [B, T, H, D] in the dtype of `q`. Logits and softmax are computed in float32.
   """
-  if current() == 'auto' and q.dtype in (jnp.bfloat16, jnp.float16) and _on_gpu():
+  kernels = (('cudnn', q.dtype in (jnp.bfloat16, jnp.float16) and _on_gpu(), cudnn_attention),
+             ('pallas_tpu', _on_tpu(), pallas_tpu_attention))
+  for name, applies, kernel in kernels:
+    if current() != 'auto' or not applies:
+      continue
     try:
-      out = cudnn_attention(q, k, v, mask=mask, is_causal=is_causal)
-      _routes['cudnn'] += 1
+      out = kernel(q, k, v, mask=mask, is_causal=is_causal)
+      _routes[name] += 1
       return out
     except Exception as e:  # pylint: disable=broad-except  # refused, or failed: XLA's below
-      _log_fallback('cudnn', f'{type(e).__name__}: {e}')
-  if current() == 'auto' and _on_tpu():
-    try:
-      out = pallas_tpu_attention(q, k, v, mask=mask, is_causal=is_causal)
-      _routes['pallas_tpu'] += 1
-      return out
-    except Exception as e:  # pylint: disable=broad-except  # refused, or failed: XLA's below
-      _log_fallback('pallas_tpu', f'{type(e).__name__}: {e}')
+      _log_fallback(name, f'{type(e).__name__}: {e}')
   _routes['xla'] += 1
   return xla_attention(q, k, v, mask, is_causal)
 
