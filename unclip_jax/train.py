@@ -7,7 +7,6 @@ evaluation and sampling (see `unclip_jax.stages`); nothing here knows which stag
 """
 
 import contextlib
-import functools
 import logging
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -266,18 +265,7 @@ def make_train_step(stage, config, tx) -> Callable:
                    nonfinite_steps=new_state.nonfinite_steps)
     return new_state, metrics
 
-  return with_attention(config, train_step)
-
-
-def with_attention(config, fn: Callable) -> Callable:
-  """`fn`, tracing its models with `config.attention` ('auto' or 'xla')."""
-  name = config.get('attention', 'auto')
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with attention.implementation(name):
-      return fn(*args, **kwargs)
-  return wrapped
+  return attention.traced_with(config.get('attention', 'auto'), train_step)
 
 
 def compile_train_step(stage, config, mesh, tx, state_sharding):

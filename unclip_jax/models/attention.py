@@ -57,16 +57,21 @@ def fall_back_to_xla() -> None:
   _local.name = 'xla'
 
 
+def traced_with(name: str, fn):
+  """`fn`, whose models trace with attention implementation `name` ('auto' or 'xla')."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with implementation(name):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def jit_falling_back(fn):
   """`jax.jit(fn)`, except that a call whose trace took a fused attention kernel (cuDNN's, the
   Pallas TPU one) and then failed to compile is jitted again with XLA's attention, with a
   warning, and XLA's serves every later call: for inference, where no train step's fallback
   applies. Errors that remain with XLA's attention are raised."""
   state = {'jitted': jax.jit(fn), 'xla': False}
-
-  def xla_fn(*args, **kwargs):
-    with implementation('xla'):
-      return fn(*args, **kwargs)
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
@@ -78,7 +83,7 @@ def jit_falling_back(fn):
     except Exception as e:  # pylint: disable=broad-except
       if not warn_if_a_kernel_failed(before, e):
         raise
-    state.update(jitted=jax.jit(xla_fn), xla=True)
+    state.update(jitted=jax.jit(traced_with('xla', fn)), xla=True)
     return state['jitted'](*args, **kwargs)
   return call
 
@@ -171,6 +176,7 @@ def _rows(x, start, size, axis):
 
 
 def _full_rank_mask(mask):
+  """A boolean mask as [B|1, H|1, T|1, S] (None stays None)."""
   if mask is None:
     return None
   mask = jnp.asarray(mask, bool)
@@ -272,8 +278,7 @@ def cudnn_operands(q, k, v, mask):
   if mask is None:
     key_lengths = jnp.full(q.shape[:1], s, jnp.int32) if pad_s else None
     return q, k, v, None, key_lengths, t
-  mask = jnp.asarray(mask, bool)
-  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  mask = _full_rank_mask(mask)
   mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, s))
   if pad_t or pad_s:
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
@@ -304,8 +309,7 @@ def pallas_tpu_attention(q, k, v, *, mask=None, is_causal=False):
     raise NotImplementedError(f'a causal mask over {t} queries and {s} keys')
   keys = None
   if mask is not None:
-    mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = _full_rank_mask(mask)
     if mask.shape[1] != 1 or mask.shape[2] != 1:
       raise NotImplementedError(f'a mask of shape {mask.shape}, over queries or heads, not keys '
                                 'only')
