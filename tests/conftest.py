@@ -12,6 +12,10 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
 if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] += xla_flags.fast_compile()
+# Under `pytest -n N` the workers share the cores (with the background job): each runs its ops
+# on one thread rather than all of them spinning a pool of their own.
+if os.environ.get('PYTEST_XDIST_WORKER') and 'multi_thread_eigen' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_cpu_multi_thread_eigen=false'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # gs:// paths through gcsfs rather than TensorFlow's filesystem, so that the tests' local Cloud
 # Storage server (tests/cloud_storage.py) serves them; local paths are unaffected.
@@ -22,9 +26,15 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_num_cpu_devices', 8)
 # Many tests compile the same tiny programs (the same configs on the same meshes): a
-# compilation cache shared by the session's tests compiles each once.
+# compilation cache shared by the session's tests, and by the workers of `pytest -n N`, compiles
+# each once. With a size limit JAX locks the cache around each read and write, so that one
+# worker never reads an entry another is writing.
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
-jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='unclip_jax_xla_cache_'))
+_shared_cache = lambda run_id: os.path.join(tempfile.gettempdir(), f'unclip_jax_xla_cache_{run_id}')
+_RUN_ID = os.environ.get('PYTEST_XDIST_TESTRUNUID')   # the same in every worker of one run
+_XLA_CACHE = _shared_cache(_RUN_ID) if _RUN_ID else tempfile.mkdtemp(prefix='unclip_jax_xla_cache_')
+jax.config.update('jax_compilation_cache_dir', _XLA_CACHE)
+jax.config.update('jax_compilation_cache_max_size', 16 << 30)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -37,6 +47,21 @@ from tests.helpers import tiny_clip_config  # pylint: disable=g-import-not-at-to
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end training runs (run once in CI)')
+  if config.getoption('numprocesses', None) and not hasattr(config, 'workerinput'):
+    # The controller of `pytest -n N` names the run, so that it knows the workers' shared
+    # compilation cache and removes it at the end.
+    if config.getoption('testrunuid', None) is None:
+      import uuid  # pylint: disable=g-import-not-at-top
+      config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_unconfigure(config):
+  import shutil  # pylint: disable=g-import-not-at-top
+  if hasattr(config, 'workerinput'):
+    return                                  # the controller removes the shared cache
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  if config.getoption('numprocesses', None) and config.getoption('testrunuid', None):
+    shutil.rmtree(_shared_cache(config.getoption('testrunuid')), ignore_errors=True)
 
 
 # The session's end-to-end run: the README's main job (`python -m unclip_jax.train_all
@@ -94,22 +119,40 @@ def pytest_collection_modifyitems(items):
   items[:] = [item for item in items if item not in readers] + readers
 
 
+def _run_folder(tmp_path_factory):
+  """A folder shared by every process of the test run: the workers' common parent under
+  `pytest -n N`, else the session's own base folder."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='session')
 def data_dir(request, tmp_path_factory):
-  """A tfds data dir shared by the session; datasets are generated on first use. Starts the
-  background job if a collected test reads it."""
-  path = str(tmp_path_factory.mktemp('datasets'))
+  """A tfds data dir shared by the run's tests (every worker's); datasets are generated on first
+  use (two processes preparing the same one at once both succeed: `captioned_shapes.prepare`).
+  Starts the background job if a collected test reads it and no other worker of the run has."""
+  path = _run_folder(tmp_path_factory) / 'datasets'
+  path.mkdir(exist_ok=True)
+  path = str(path)
   os.environ['UNCLIP_DATA_DIR'] = path
   if any(set(_READERS) & set(item.fixturenames) for item in request.session.items):
-    root = tmp_path_factory.mktemp('job')
+    import filelock  # pylint: disable=g-import-not-at-top
+    root = _run_folder(tmp_path_factory) / 'job'
+    with filelock.FileLock(str(root) + '.lock'):
+      started = None if root.exists() else root
+      root.mkdir(exist_ok=True)
     shards = str(root / 'shards')
-    n = JOB_SHARDS
-    write = [sys.executable, '-m', 'tests.data.fixtures', shards, path, str(n['resolution']),
-             str(n['num_train']), str(n['num_test']), str(n['per_shard'])]
     overrides = JOB_RUN + job_data_overrides(shards)
-    started = helpers.start_job(root / 'unclip', path, *overrides, before=write)
-    request.addfinalizer(started[0].kill)   # a no-op once it has finished
-    request.config.stash[_JOB_KEY] = (started, overrides)
+    if started:
+      n = JOB_SHARDS
+      write = [sys.executable, '-m', 'tests.data.fixtures', shards, path, str(n['resolution']),
+               str(n['num_train']), str(n['num_test']), str(n['per_shard'])]
+      process, _ = helpers.start_job(root / 'unclip', path, *overrides, before=write)
+      # Other workers may still read it: at the end it is given the time to finish, unless
+      # this is the only process.
+      request.addfinalizer(lambda: helpers.stop_job(
+          process, wait=900 if os.environ.get('PYTEST_XDIST_WORKER') else 0))
+    request.config.stash[_JOB_KEY] = (str(root / 'unclip'), overrides)
   return path
 
 
@@ -133,8 +176,8 @@ def job_run(request, data_dir):
   """The shortened main job (`JOB_RUN` on the shards), finished: (workdir, report, its command
   line overrides)."""
   del data_dir  # it started the job
-  started, overrides = request.config.stash[_JOB_KEY]
-  return started[1], helpers.finish(started), overrides
+  workdir, overrides = request.config.stash[_JOB_KEY]
+  return workdir, helpers.finish(workdir), overrides
 
 
 def _stage_run(job_run, name):

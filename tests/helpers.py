@@ -124,8 +124,11 @@ HUGE_PAGES_MALLOC = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.malloc.mmap
 def start_job(workdir, data_dir: str, *overrides: str, before=None):
   """Starts `python -m unclip_jax.train_all --config=configs/unclip.py:tiny` (the whole system)
   with `overrides` on one CPU device in the background, after the command `before` (argv; e.g.
-  one writing its data) if given: (process, workdir); `finish` waits."""
+  one writing its data) if given: (process, workdir). Its output goes to `job.log` beside
+  `workdir` and its exit status to `job.status` there, so that `finish` can wait for it from any
+  process (the test workers of `pytest -n`)."""
   import os  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,27 +139,49 @@ def start_job(workdir, data_dir: str, *overrides: str, before=None):
   # less optimisation doubles the job's step times.)
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL='3',
              XLA_FLAGS='--xla_cpu_multi_thread_eigen=false', **HUGE_PAGES_MALLOC)
-  log = open(os.path.join(os.path.dirname(str(workdir)), 'job.log'), 'w+')  # pylint: disable=consider-using-with
-  import shlex  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(str(workdir))
   job = [sys.executable, '-m', 'unclip_jax.train_all', '--config=configs/unclip.py:tiny',
          f'--workdir={workdir}', *overrides]
-  command = shlex.join(job) if before is None else f'{shlex.join(before)} && exec {shlex.join(job)}'
-  process = subprocess.Popen(['bash', '-c', command], cwd=repo, env=env, stdout=log,
-                             stderr=subprocess.STDOUT, text=True)
-  process.log = log
+  command = shlex.join(job) if before is None else f'{shlex.join(before)} && {shlex.join(job)}'
+  status = shlex.quote(os.path.join(folder, 'job.status'))
+  # The status is written to a temporary name and renamed: a reader never sees half of it.
+  command = f'{{ {command}; }} > {shlex.quote(os.path.join(folder, "job.log"))} 2>&1; ' \
+            f'echo $? > {status}.tmp && mv {status}.tmp {status}'
+  # Its own process group: `stop_job` ends the shell and the job together.
+  process = subprocess.Popen(['bash', '-c', command], cwd=repo, env=env, start_new_session=True)
   return process, str(workdir)
 
 
-def finish(started, timeout: int = 900) -> dict:
-  """Waits for a `start_job` run and returns its report.json; asserts that it succeeded (the
-  message is the end of its output)."""
+def stop_job(process, wait: float = 0):
+  """Ends a `start_job` process and its job, after waiting up to `wait` s for it to finish."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:
+    process.wait(timeout=wait)
+  except (subprocess.TimeoutExpired, KeyboardInterrupt):
+    pass
+  if process.poll() is None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def finish(workdir, timeout: int = 900) -> dict:
+  """Waits for the `start_job` run in `workdir` (started by this process or another) and returns
+  its report.json; asserts that it succeeded (the message is the end of its output)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  process, workdir = started
-  returncode = process.wait(timeout=timeout)
-  process.log.seek(0)
-  output = process.log.read()
-  process.log.close()
+  import time  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(str(workdir))
+  status = os.path.join(folder, 'job.status')
+  deadline = time.monotonic() + timeout
+  while not os.path.exists(status):
+    assert time.monotonic() < deadline, f'the background job did not finish in {timeout} s'
+    time.sleep(0.5)
+  with open(status) as f:
+    returncode = int(f.read())
+  with open(os.path.join(folder, 'job.log')) as f:
+    output = f.read()
   assert returncode == 0, output[-4000:]
   with open(os.path.join(workdir, 'report.json')) as f:
     return json.load(f)

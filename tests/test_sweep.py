@@ -120,7 +120,7 @@ def test_a_three_point_sweep_runs_is_stopped_resumes_and_summarises(data_dir, tm
       'from unclip_jax.sweep import sweep, zipit\n'
       'def get_sweep():\n'
       '  return zipit(sweep("optim.lr", [1e-3, 2e-3, 4e-3]),\n'
-      '               sweep("num_train_steps", [4, 400, 4]))\n'))
+      '               sweep("num_train_steps", [4, 150, 4]))\n'))
   workdir = str(tmp_path / 'sweep')
   args = ['--config=configs/clip.py:tiny', f'--sweep={sweep_file}', f'--workdir={workdir}',
           '--config.log_every_steps=1', '--config.checkpoint.every_steps=0',
@@ -130,7 +130,7 @@ def test_a_three_point_sweep_runs_is_stopped_resumes_and_summarises(data_dir, tm
           '--config.model.vision.depth=1', '--config.sample_every_steps=0']
   env = dict(os.environ, UNCLIP_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL='3',
              XLA_FLAGS='--xla_backend_optimization_level=0' + xla_flags.fast_compile())
-  names = ['optim.lr=0.001,num_train_steps=4', 'optim.lr=0.002,num_train_steps=400',
+  names = ['optim.lr=0.001,num_train_steps=4', 'optim.lr=0.002,num_train_steps=150',
            'optim.lr=0.004,num_train_steps=4']
 
   result = _sweep_command(*args, '--point=0', env=env)
