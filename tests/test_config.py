@@ -61,6 +61,20 @@ def test_invalid_configs_name_the_field(field, value, message):
     config_lib.validate(c, num_devices=8)
 
 
+def test_a_unet_attention_level_it_does_not_have_is_refused_before_anything_runs():
+  from configs import decoder as decoder_config  # pylint: disable=g-import-not-at-top
+  c = decoder_config.get_config('tiny')
+  config_lib.validate(c, num_devices=8)
+  # Unpatched with two levels: downsampling factors 1 and 2, while the preset attends at 4.
+  c.model.unet.patch_size, c.model.unet.channel_mult = 1, (1, 2)
+  with pytest.raises(config_lib.ConfigError, match=(
+      r'^config.model.unet.attention_resolutions: \(4,\) are downsampling factors; \[4\] is '
+      r'not one of \[1, 2\] \(patch_size 1, 2 levels in channel_mult\)$')):
+    config_lib.validate(c, num_devices=8)
+  c.model.unet.attention_resolutions = (2,)
+  config_lib.validate(c, num_devices=8)
+
+
 def test_mesh_resolution():
   assert config_lib.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
   assert config_lib.resolve_mesh_shape((1, 1, -1), 8) == (1, 1, 8)

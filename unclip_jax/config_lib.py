@@ -287,3 +287,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
           f'{o.accum_steps} microbatches of a multiple of {parallel}')
   if config.checkpoint.every_steps < 0 or config.checkpoint.keep < 1:
     _fail('checkpoint', 'every_steps must be >= 0 and keep >= 1')
+  unet = config.get('model', {}).get('unet')
+  if unet is not None and 'attention_resolutions' in unet:
+    # The same rule as the U-Net's own check, before anything is built or compiled.
+    patch, levels = unet.get('patch_size', 1), len(unet.channel_mult)
+    factors = [patch * 2 ** level for level in range(levels)]
+    bad = [r for r in unet.attention_resolutions if r not in factors]
+    if bad:
+      _fail('model.unet.attention_resolutions',
+            f'{tuple(unet.attention_resolutions)} are downsampling factors; {bad} is not one of '
+            f'{factors} (patch_size {patch}, {levels} levels in channel_mult)')
