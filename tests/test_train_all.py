@@ -89,6 +89,10 @@ def test_job_presets_are_valid_and_chain(preset):
     ('upsampler.data.resolution', 72, r'takes 36px images'),
     ('prior.clip.normalize', False, r'config.prior.clip.normalize \(False\) and '
                                     r'config.decoder.clip.normalize \(True\) differ'),
+    # A stage's own fields too (`config_lib.validate`), named as the job's.
+    ('decoder.model.unet.channel_mult', '(1,)',
+     r'^config.decoder.model.unet.attention_resolutions: \(4,\) are downsampling factors; '
+     r'\[4\] is not one of \[2\]'),
 ])
 def test_job_refuses_stages_that_do_not_chain_before_training(tmp_path, field, value, message):
   from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top

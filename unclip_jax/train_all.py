@@ -236,6 +236,12 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from unclip_jax import train  # pylint: disable=g-import-not-at-top
   check_chain(config)
   configs = stage_configs(config, workdir)
+  from unclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for name in STAGES:   # every stage's fields before the first trains (each trainer checks again)
+    try:
+      config_lib.validate(configs[name], jax.device_count(), jax.process_count())
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(str(e).replace('config.', f'config.{name}.', 1)) from None
   report = {}
 
   fingerprint = {}
