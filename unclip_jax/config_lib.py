@@ -296,4 +296,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if bad:
       _fail('model.unet.attention_resolutions',
             f'{tuple(unet.attention_resolutions)} are downsampling factors; {bad} is not one of '
-            f'{factors} (patch_size {patch}, {levels} levels in channel_mult)')
+            f'{factors} (patch_size {patch}, len(channel_mult) = {levels})')
