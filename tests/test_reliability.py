@@ -214,6 +214,34 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(
   assert train.train_and_evaluate(config, workdir, stage=_LinearStage(config))
 
 
+def test_a_partial_write_whose_writers_are_finishing_is_removed_once_they_stop(tmp_path,
+                                                                             monkeypatch):
+  """A failed orbax save's other writer threads add files for a moment after the error, so a
+  removal can find a folder not yet empty (seen: `export.partial` under a full disk, with two
+  test workers): the removal is tried again until the folder is gone, or gives up after its
+  timeout and says so, without raising over the write's own error."""
+  import errno  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'export.partial'
+  (folder / 'params').mkdir(parents=True)
+  (folder / 'params' / 'a').write_text('x')
+  real, calls = workdir_lib.remove_tree, []
+
+  def busy_for(n):
+    def remove(p):
+      calls.append(p)
+      if len(calls) <= n:
+        raise OSError(errno.ENOTEMPTY, 'Directory not empty', str(p))
+      real(p)
+    return remove
+  monkeypatch.setattr(workdir_lib, 'remove_tree', busy_for(2))
+  assert workdir_lib.remove_partial(folder) and not folder.exists() and len(calls) == 3
+  folder.mkdir()
+  calls.clear()
+  monkeypatch.setattr(workdir_lib, 'remove_tree', busy_for(10 ** 6))
+  assert not workdir_lib.remove_partial(folder, timeout=0.3) and folder.exists()
+  assert 2 <= len(calls) <= 10
+
+
 class _WriteLimit:
   """Files this process writes may not grow past `limit` bytes while on (RLIMIT_FSIZE: writes
   past it fail with EFBIG, as writes to a full disk fail with ENOSPC) — a real OS write error

@@ -423,7 +423,7 @@ class _Saver:
     if jax.process_index() == 0:
       with contextlib.suppress(OSError):
         for partial in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
-          workdir_lib.remove_tree(partial)
+          workdir_lib.remove_partial(partial)
     kept = [s for s in self.manager.all_steps() if s != step]
     intact = (f'the checkpoints already there (steps {sorted(kept)}) are untouched and the same '
               'command resumes from the newest' if kept else

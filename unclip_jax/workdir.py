@@ -95,6 +95,23 @@ def remove_tree(p: PathLike):
       p.unlink()
 
 
+def remove_partial(p: PathLike, timeout: float = 10.0) -> bool:
+  """Removes a partly written directory whose writers may still be finishing (the other writer
+  threads of a failed orbax save keep adding files for a moment, and a removal then finds a
+  folder not yet empty): retried until it is gone or `timeout` s have passed. True if gone."""
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      remove_tree(p)
+      return True
+    except OSError as e:
+      if time.monotonic() > deadline:
+        logging.warning('Could not remove the partial write %s: %s', p, e)
+        return False
+      time.sleep(0.1)
+
+
 def files_under(p: PathLike) -> list[epath.Path]:
   """Every file under the directory `p`, at any depth, sorted."""
   p = path(p)

@@ -4,6 +4,7 @@ An export is a folder, local or remote (gs://...): `params/` (orbax), `config.js
 files the stage needs beside them (a CLIP's tokenizer). `config.json` is what makes it whole:
 it is written last, so a folder without it is an export whose writing was cut short."""
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -38,8 +39,8 @@ def save_export(path: str, params, config: ml_collections.ConfigDict,
       workdir_lib.remove_tree(root / 'config.json')
     workdir_lib.remove_tree(target)
   multihost.barrier('export_start')
+  ckpt = ocp.StandardCheckpointer()
   try:
-    ckpt = ocp.StandardCheckpointer()
     ckpt.save(target / 'params', params, force=True)
     ckpt.wait_until_finished()
     if main:
@@ -48,14 +49,16 @@ def save_export(path: str, params, config: ml_collections.ConfigDict,
         (target / name).write_bytes(content)
       workdir_lib.atomic_write_text(target / 'config.json', config.to_json_best_effort(indent=2))
   except Exception as e:  # pylint: disable=broad-except
-    if main:
-      workdir_lib.remove_tree(target)
+    with contextlib.suppress(Exception):
+      ckpt.close()                          # its writer threads are done with the folder
+    removed = workdir_lib.remove_partial(target) if main else True
     previous = ('the previous export is in place' if not remote and root.exists() else
                 'no export exists')
+    partial = 'The partial export was removed' if removed else (
+        f'The partial export {target} could not be removed (the next export removes it)')
     raise workdir_lib.WriteError(
-        f'could not write the export {root}: {workdir_lib.os_error(e)}. The partial export was '
-        f'removed and {previous}; the same command writes it again once the cause is '
-        'fixed.') from e
+        f'could not write the export {root}: {workdir_lib.os_error(e)}. {partial} and '
+        f'{previous}; the same command writes it again once the cause is fixed.') from e
   if main and not remote:
     old = root.parent / (root.name + '.old')
     workdir_lib.remove_tree(old)
