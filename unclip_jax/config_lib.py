@@ -289,11 +289,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _fail('checkpoint', 'every_steps must be >= 0 and keep >= 1')
   unet = config.get('model', {}).get('unet')
   if unet is not None and 'attention_resolutions' in unet:
-    # The same rule as the U-Net's own check, before anything is built or compiled.
-    patch, levels = unet.get('patch_size', 1), len(unet.channel_mult)
-    factors = [patch * 2 ** level for level in range(levels)]
-    bad = [r for r in unet.attention_resolutions if r not in factors]
-    if bad:
-      _fail('model.unet.attention_resolutions',
-            f'{tuple(unet.attention_resolutions)} are downsampling factors; {bad} is not one of '
-            f'{factors} (patch_size {patch}, len(channel_mult) = {levels})')
+    from unclip_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+    problem = unet_lib.attention_resolutions_problem(
+        unet.attention_resolutions, unet.get('patch_size', 1), len(unet.channel_mult))
+    if problem:
+      _fail('model.unet.attention_resolutions', problem)

@@ -60,6 +60,19 @@ __all__ = ['AttentionBlock', 'Downsample', 'GroupNorm', 'Projection', 'ResBlock'
            'Upsample', 'timestep_embedding']
 
 
+def attention_resolutions_problem(attention_resolutions: Sequence[int], patch_size: int,
+                                  levels: int) -> Optional[str]:
+  """Why `attention_resolutions` (downsampling factors) name a level a U-Net of `levels` levels
+  (len(channel_mult)) and `patch_size` does not have, or None. The model and
+  `config_lib.validate` both refuse with it."""
+  factors = [patch_size * 2 ** level for level in range(levels)]
+  bad = [r for r in attention_resolutions if r not in factors]
+  if not bad:
+    return None
+  return (f'{tuple(attention_resolutions)} are downsampling factors; {bad} is not one of '
+          f'{factors} (patch_size {patch_size}, len(channel_mult) = {levels})')
+
+
 def _fan_in_uniform(in_axis=-2, out_axis=-1):
   """U(±1/sqrt(fan_in)), PyTorch's default for convolutions and linear layers (as in ADM)."""
   return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=in_axis,
@@ -538,12 +551,9 @@ class UNet(nn.Module):
                        f'{self.remat_policy!r}')
     if self.patch_size < 1:
       raise ValueError(f'patch_size must be >= 1, got {self.patch_size}')
-    factors = [self.patch_size * 2 ** level for level in range(levels)]
-    bad = [r for r in self.attention_resolutions if r not in factors]
-    if bad:
-      raise ValueError(f'attention_resolutions {tuple(self.attention_resolutions)} are '
-                       f'downsampling factors; {bad} is not one of {factors} '
-                       f'(patch_size {self.patch_size}, len(channel_mult) = {levels})')
+    problem = attention_resolutions_problem(self.attention_resolutions, self.patch_size, levels)
+    if problem:
+      raise ValueError(f'attention_resolutions {problem}')
     if x.ndim != 4:
       raise ValueError(f'x must be [B, H, W, C], got shape {x.shape}')
     height, width = x.shape[1:3]
