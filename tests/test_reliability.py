@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -383,6 +384,31 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
   with open(path) as f:
     assert json.load(f) == {'a': 1}
   assert os.listdir(tmp_path) == ['eval_metrics.json']
+
+
+def test_two_threads_replacing_one_json_file_never_collide(tmp_path):
+  """A lock's heartbeat thread and the trainer's main thread may rewrite lock.json at the same
+  moment (seen: one thread's rename took the other's temporary file); each write lands whole."""
+  path = str(tmp_path / 'lock.json')
+  errors = []
+  start = threading.Barrier(2)
+
+  def write(who):
+    try:
+      start.wait()
+      for i in range(300):
+        workdir_lib.atomic_write_json(path, {'who': who, 'i': i})
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  threads = [threading.Thread(target=write, args=(who,)) for who in ('main', 'heartbeat')]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  with open(path) as f:
+    assert json.load(f) in ({'who': 'main', 'i': 299}, {'who': 'heartbeat', 'i': 299})
+  assert os.listdir(tmp_path) == ['lock.json']
 
 
 @pytest.mark.parametrize('module,expected', [

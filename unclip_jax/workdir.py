@@ -60,7 +60,9 @@ def atomic_write_bytes(file: PathLike, data: bytes):
   if is_remote(file):
     file.write_bytes(data)   # an object store publishes an object only once it is whole
     return
-  tmp = file.parent / f'.{file.name}.tmp-{os.getpid()}'
+  # One temporary name per writer: a lock's heartbeat thread and the main thread of the same
+  # process may replace the same file at once.
+  tmp = file.parent / f'.{file.name}.tmp-{os.getpid()}-{threading.get_ident()}'
   try:
     with open(tmp, 'wb') as f:
       f.write(data)
