@@ -157,7 +157,6 @@ def trace_steps(compiled, args, steps: int) -> dict:
   state, rest = args[0], args[1:]
   if steps <= 0:
     return {}, state
-  state, rest = args[0], args[1:]
   with tempfile.TemporaryDirectory() as trace_dir:
     t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir):
