@@ -103,9 +103,9 @@ def test_the_lock_is_created_exclusively_and_kept_alive_by_its_heartbeat(
   disk: of two creations the second fails, also when both checked that none exists; the
   holder's heartbeat advances while it runs, so a trainer elsewhere keeps refusing; a lock from
   another host that stopped beating is taken over; the lock is removed when the holder ends."""
-  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_SECONDS', 0.05)
   for workdir in (f'{gcs_bucket}/locks-{time.time_ns()}/run',
                   f'memory://locks-{time.time_ns()}/run', str(tmp_path / 'run')):
+    monkeypatch.setattr(workdir_lib, 'HEARTBEAT_SECONDS', 0.05)
     lock = workdir_lib._LockFile(workdir)  # pylint: disable=protected-access
     assert lock.create({'pid': 1}) and not lock.create({'pid': 2})
     assert lock.read() == {'pid': 1}
@@ -122,6 +122,10 @@ def test_the_lock_is_created_exclusively_and_kept_alive_by_its_heartbeat(
       with workdir_lib.locked(workdir):   # re-entrant in the holder's own process
         pass
       assert lock.read()['pid'] == os.getpid()
+      # Quiet this holder's heartbeat first (it sleeps on after one more beat), so that it cannot
+      # write itself back between its read of the lock and the replacement below.
+      monkeypatch.setattr(workdir_lib, 'HEARTBEAT_SECONDS', 3600.0)
+      time.sleep(0.3)
       other = dict(first, host='elsewhere')
       lock.replace(other)
       with pytest.raises(workdir_lib.WorkdirLockedError, match='pid .* on elsewhere'):
